@@ -1,0 +1,620 @@
+"""The verbs as plain functions returning dataclasses. Nothing here prints: progress goes
+to an optional callback, remote output to an optional line callback.
+
+    from vtool import Cluster
+    c = Cluster("demo")
+    c.launch(3)
+    c.inject("pkg-examples/hello")
+    c.get_all("hello-result.txt", "out/r")
+    c.terminate()
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from . import fanout, package, remote
+from . import plugin_manager as plugins
+from .config import VTOOL_DEFAULTS, Settings, load_settings
+from .errors import ConfigError, NodeError, NodeNotFound, PartialFailure, PluginError, UsageError, VtoolError
+from .fetch import extract_stream
+from .models import (
+    ClusterInfo, CommandResult, FetchReport, GroupResult, Node, NodeResult, NodeStatus, Release,
+    check_cluster_name, parse_node_spec,
+)
+from .providers.base import Provider
+from .ssh import SshClient, ssh_config_block
+from .state import ClusterCache, ClusterPaths, control_dir, list_cluster_names
+
+Progress = Callable[[str], None]
+LineSink = Callable[[int, str, str], None]  # (node index, "out"|"err", line)
+
+MAX_LAUNCH = 1000
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def settings(
+    *, cluster: str | None = None, profile: str | None = None, overrides: Mapping[str, Any] | None = None,
+    pm: pluggy.PluginManager | None = None,
+) -> Settings:
+    """The effective settings (config files, profile, VTOOL_* variables, these arguments)."""
+    pm = pm or plugins.get()
+    defaults = plugins.config_defaults(pm)
+    clash = sorted(set(defaults) & set(VTOOL_DEFAULTS))
+    if clash:
+        raise PluginError(f"a plugin declares vtool's own setting {clash[0]!r}")
+    if cluster is not None:
+        check_cluster_name(cluster)
+    return load_settings(cluster=cluster, profile=profile, overrides=overrides, plugin_defaults=defaults)
+
+
+class Session:
+    """What one command needs: settings, plugins, the provider, one SSH client per node."""
+
+    def __init__(self, settings: Settings, pm: pluggy.PluginManager | None = None) -> None:
+        self.settings = settings
+        self.pm = pm or plugins.get()
+        self.cluster = settings.cluster
+        self.paths = ClusterPaths(settings.home, self.cluster)
+        self.cache = ClusterCache(self.paths)
+        self._provider: Provider | None = None
+        self._clients: dict[int, SshClient] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def provider(self) -> Provider:
+        if self._provider is None:
+            self._provider = provider_for(self.settings, self.pm, self.settings.provider)
+        return self._provider
+
+    def info(self) -> ClusterInfo:
+        nodes = tuple(self.provider.nodes(self.cluster))
+        return ClusterInfo(self.cluster, self.provider.name, nodes, self.cache.release())
+
+    def existing(self) -> ClusterInfo:
+        """The cluster, which must have nodes (else NodeNotFound naming the clusters there are)."""
+        info = self.info()
+        if not info.nodes:
+            names = ", ".join(self.provider.clusters()) or "none"
+            raise NodeNotFound(f"no cluster named {self.cluster!r} (clusters: {names}); start one with `vtool launch`")
+        return info
+
+    def select(self, info: ClusterInfo, spec: str | int | None) -> list[Node]:
+        wanted = parse_node_spec(None if spec is None else str(spec), [n.index for n in info.nodes])
+        return [info.node(i) for i in wanted]
+
+    def client(self, node: Node) -> SshClient:
+        with self._lock:
+            c = self._clients.get(node.index)
+            if c is None:
+                target = self.provider.ssh_target(node)
+                jump = self.pm.hook.vtool_gateway(node=node, settings=self.settings)
+                if jump:
+                    from dataclasses import replace
+
+                    target = replace(target, proxy_jump=str(jump))
+                s = self.settings
+                c = SshClient(
+                    target, program=s.ssh.program, persist=s.ssh.persist, connect_timeout=s.timeout.connect,
+                    kex=s.ssh.kex, control_dir=control_dir(s.home),
+                )
+                self._clients[node.index] = c
+            return c
+
+    def remote(self, node: Node) -> Callable[..., CommandResult]:
+        client = self.client(node)
+
+        def run(command: str, input: bytes | None = None) -> CommandResult:
+            return client.run(command, input=input)
+
+        return run
+
+    def fan_out(self, nodes: Sequence[Node], op: Callable[[Node], Any], on_done: Callable[[NodeResult], None] | None = None) -> GroupResult:
+        return fanout.fan_out(nodes, op, concurrency=self.settings.concurrency, on_done=on_done, debug=self.settings.debug)
+
+
+def provider_for(settings: Settings, pm: pluggy.PluginManager, name: str) -> Provider:
+    factories = plugins.providers(pm)
+    if name not in factories:
+        raise ConfigError(f"unknown provider {name!r} (available: {', '.join(sorted(factories))}); set `provider:` in vtool.yaml or VTOOL_PROVIDER")
+    return factories[name](settings)  # type: ignore[no-any-return]
+
+
+# -- launch -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LaunchResult:
+    cluster: ClusterInfo  # the whole cluster after the launch
+    new: tuple[Node, ...]  # the nodes this launch made (ready ones)
+    ready: GroupResult  # one result per node created: did it accept SSH in time
+    injected: GroupResult | None = None  # the cluster's release sent to the new nodes
+
+
+def check_count(count: Any) -> int:
+    try:
+        n = int(str(count).strip())
+    except ValueError:
+        raise UsageError(f"launch needs a whole number of nodes, not {count!r}") from None
+    if n < 1 or n > MAX_LAUNCH:
+        raise UsageError(f"launch needs between 1 and {MAX_LAUNCH} nodes, not {n}")
+    return n
+
+
+def launch(count: int | str, *, settings: Settings, inject: bool | None = None, progress: Progress = _quiet) -> LaunchResult:
+    """Add ``count`` nodes to the cluster (additive, stable indices), wait until each accepts
+    SSH, run the after-launch hooks, and send them the cluster's current release."""
+    n = check_count(count)
+    s = Session(settings)
+    s.provider.check()
+    before = s.provider.nodes(s.cluster)
+    start = max([s.cache.next_index()] + [x.index + 1 for x in before])
+    indices = list(range(start, start + n))
+    s.paths.create()
+    s.cache.update(provider=s.provider.name, next_index=start + n)
+    progress(f"launching {n} node{'s' * (n != 1)} ({indices[0]}-{indices[-1]}) on {s.provider.name} for cluster {s.cluster!r}")
+    created = s.provider.launch(s.cluster, indices, progress)
+
+    deadline = time.monotonic() + settings.timeout.ready
+    counter = {"ready": 0}
+
+    def wait_ready(node: Node) -> None:
+        client = s.client(node)
+        last = ""
+        while True:
+            try:
+                client.run("true", timeout=max(1.0, settings.timeout.connect), check=True)
+                return
+            except NodeError as e:
+                if "host key" in str(e):
+                    raise
+                last = str(e)
+            if time.monotonic() >= deadline:
+                raise NodeError(f"did not accept SSH within {settings.timeout.ready:g}s ({last})")
+            time.sleep(0.5)
+
+    def ready_done(r: NodeResult) -> None:
+        if r.ok:
+            counter["ready"] += 1
+        progress(f"waiting for SSH: {counter['ready']}/{len(created)} ready" + ("" if r.ok else f" (node {r.index} failed)"))
+
+    ready = s.fan_out(created, wait_ready, on_done=ready_done)
+    failed = {r.index for r in ready.failed}
+    if failed:
+        progress(f"terminating {len(failed)} node(s) that never accepted SSH: {', '.join(map(str, sorted(failed)))}")
+        s.provider.terminate(s.cluster, [x for x in created if x.index in failed], progress)
+    new = [x for x in created if x.index not in failed]
+    info = s.info()
+
+    def after(node: Node) -> None:
+        s.pm.hook.vtool_after_launch(cluster=info, node=node, settings=settings, remote=s.remote(node))
+
+    hooked = s.fan_out(new, after)
+    bad = {r.index for r in hooked.failed}
+    ready = GroupResult(tuple(
+        (next(h for h in hooked.results if h.index == r.index) if r.index in bad else r) for r in ready.results
+    ))
+    new = [x for x in new if x.index not in bad]
+
+    release = s.cache.release()
+    do_inject = settings.inject_auto if inject is None else inject
+    injected = None
+    live = [x for x in info.nodes if x.state == "running"]
+    if release is not None and do_inject and new:
+        progress(f"sending release {release.dirname} to the new node(s)")
+        injected = _inject_release(s, info, release, targets=new, everyone=live, progress=progress)
+    else:
+        _tell_cluster(s, info, live, None)
+    return LaunchResult(s.info(), tuple(new), ready, injected)
+
+
+# -- inject -----------------------------------------------------------------------------
+
+def prepare_release(path: str | Path, *, settings: Settings) -> Release:
+    """Validate and pack ``path`` into the cluster's package store (no node is contacted)."""
+    return package.build_release(path, ClusterPaths(settings.home, settings.cluster).packages)
+
+
+def inject(path: str | Path, *, settings: Settings, nodes: str | None = None, progress: Progress = _quiet) -> GroupResult:
+    """Send a package to the nodes, unpack it into its release folder, switch ``~/NAME`` to
+    it and start its launch script. Refuses bad input before any node is contacted."""
+    src = Path(path).expanduser()
+    if not src.exists():
+        raise ConfigError(f"{path}: no such folder or file")
+    if src.is_dir():
+        package.find_launcher(src)
+    else:
+        package.inspect_archive(src)
+    s = Session(settings)
+    info = s.existing()
+    targets = s.select(info, nodes)
+    release = prepare_release(src, settings=settings)
+    s.pm.hook.vtool_before_inject(cluster=info, nodes=tuple(targets), release=release, settings=settings)
+    s.cache.set_release(release)
+    progress(f"injecting {release.dirname} into {len(targets)} node(s)")
+    live = [x for x in info.nodes if x.state == "running"]
+    return _inject_release(s, info, release, targets=targets, everyone=live, progress=progress)
+
+
+def _node_env(s: Session, info: ClusterInfo, node: Node) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for answer in s.pm.hook.vtool_node_env(cluster=info, node=node, settings=s.settings):
+        for key, value in (answer or {}).items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)):
+                raise PluginError(f"vtool_node_env returned an invalid variable name {key!r}")
+            env[str(key)] = str(value)
+    return env
+
+
+def _tell_cluster(s: Session, info: ClusterInfo, nodes: Sequence[Node], release: Release | None) -> GroupResult:
+    """Write cluster.env/hosts/other_hosts on ``nodes`` (best effort for the ones not targeted)."""
+    everyone = [x for x in info.nodes if x.state == "running"]
+
+    def op(node: Node) -> CommandResult:
+        cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release)
+        return s.client(node).run(cmd, timeout=s.settings.timeout.transfer or None, check=True)
+
+    return s.fan_out(nodes, op)
+
+
+def _inject_release(
+    s: Session, info: ClusterInfo, release: Release, *, targets: Sequence[Node], everyone: Sequence[Node], progress: Progress
+) -> GroupResult:
+    target_ids = {x.index for x in targets}
+    others = [x for x in everyone if x.index not in target_ids]
+    if others:
+        _tell_cluster(s, info, others, None)
+    sent = {"done": 0}
+    timeout = s.settings.timeout.transfer or None
+
+    def op(node: Node) -> dict[str, Any]:
+        if node.state != "running":
+            raise NodeError(f"node is {node.state}")
+        client = s.client(node)
+        cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release)
+        have = client.run(cmd, timeout=timeout, check=True).stdout.strip().endswith("have")
+        if not have:
+            with open(release.archive, "rb") as archive:
+                r = client.run(remote.install(release), input=archive, timeout=timeout)
+            if r.exit_code != 0:
+                raise NodeError(f"unpacking failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.exit_code}")
+        command = s.pm.hook.vtool_launch_command(cluster=info, node=node, release=release, settings=s.settings)
+        command = command or f"./{release.launcher}"
+        r = client.run(remote.start(release, command, s.settings.inject_screen), timeout=timeout)
+        if r.exit_code != 0:
+            raise NodeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"start failed ({r.exit_code})")
+        return {"sent": not have, "mode": r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""}
+
+    def done(r: NodeResult) -> None:
+        sent["done"] += 1
+        progress(f"inject: {sent['done']}/{len(targets)} done" + ("" if r.ok else f" (node {r.index} failed)"))
+
+    results = s.fan_out(targets, op, on_done=done)
+    s.pm.hook.vtool_after_inject(cluster=info, nodes=tuple(targets), release=release, results=results, settings=s.settings)
+    return results
+
+
+def mkpkg(folder: str | Path, output: str | Path | None = None) -> Path:
+    """Write the package archive ``inject`` would send (vcloud's mkpkg)."""
+    return package.make_package(folder, output)
+
+
+# -- run, logs --------------------------------------------------------------------------
+
+def run(command: str, *, settings: Settings, nodes: str | None = None, on_line: LineSink | None = None) -> GroupResult:
+    """Run a shell command on the nodes in parallel; a result (exit code) per node."""
+    if not command or not command.strip():
+        raise UsageError("run needs a command, e.g. vtool run 'hostname'")
+    s = Session(settings)
+    info = s.existing()
+    targets = s.select(info, nodes)
+
+    def op(node: Node) -> CommandResult:
+        sink = (lambda stream, line: on_line(node.index, stream, line)) if on_line else None
+        return s.client(node).run(remote.with_cluster_env(command), timeout=settings.timeout.command or None, on_line=sink)
+
+    return s.fan_out(targets, op)
+
+
+def logs(*, settings: Settings, nodes: str | None = None, follow: bool = False, lines: int | None = None,
+         on_line: LineSink | None = None) -> GroupResult:
+    """The launch scripts' output from the nodes; with ``follow``, until interrupted."""
+    s = Session(settings)
+    info = s.existing()
+    targets = s.select(info, nodes)
+    cmd = remote.logs(follow, lines)
+
+    def op(node: Node) -> CommandResult:
+        sink = (lambda stream, line: on_line(node.index, stream, line)) if on_line else None
+        r = s.client(node).run(cmd, on_line=sink)
+        if r.exit_code == 3:
+            raise NodeError(r.stderr.strip() or "no log")
+        return r
+
+    if follow:
+        settings = settings.replace(concurrency=max(settings.concurrency, len(targets)))
+        s.settings = settings
+    return s.fan_out(targets, op)
+
+
+# -- transfers --------------------------------------------------------------------------
+
+def _local_target(remote_path: str, local: str | None, suffix: str | None) -> Path:
+    base = Path(remote_path.rstrip("/")).name
+    if base in ("", ".", ".."):
+        raise UsageError(f"cannot name a local file after {remote_path!r}: give a local path")
+    if local is None:
+        dest = Path(base)
+    else:
+        dest = Path(local).expanduser()
+        if dest.is_dir() or local.endswith("/"):
+            dest = dest / base
+    if suffix is not None:
+        dest = dest.with_name(f"{dest.name}.{suffix}")
+    return dest
+
+
+def _check_remote(remote_path: str) -> str:
+    if not remote_path or "\0" in remote_path:
+        raise UsageError("give the remote file's path (relative to the node's home folder)")
+    return remote_path
+
+
+def _fetch(s: Session, node: Node, remote_path: str, dest: Path, recursive: bool) -> FetchReport:
+    client = s.client(node)
+    proc = client.popen_stdout(remote.fetch(remote_path, recursive))
+    try:
+        assert proc.stdout is not None
+        report = None
+        error: VtoolError | None = None
+        try:
+            report = extract_stream(proc.stdout, dest, recursive=recursive)
+        except VtoolError as e:
+            error = e
+        proc.stdout.close()
+    except BaseException:
+        proc.kill()
+        client.finish_stream(proc)
+        raise
+    result = client.finish_stream(proc)
+    if result.exit_code in (44, 45):
+        raise NodeError(result.stderr.strip().splitlines()[-1])
+    if error is not None:
+        raise error
+    if result.exit_code != 0:
+        raise NodeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"tar exited {result.exit_code}")
+    assert report is not None
+    return report
+
+
+def get(remote_path: str, local: str | None = None, *, settings: Settings, node: int | str = 0, recursive: bool = False) -> FetchReport:
+    """Fetch a file (or, with ``recursive``, a folder) from one node (vcloud's scpget)."""
+    _check_remote(remote_path)
+    s = Session(settings)
+    info = s.existing()
+    target = s.select(info, str(node))[0]
+    dest = _local_target(remote_path, local, None)
+    return _fetch(s, target, remote_path, dest, recursive)
+
+
+def get_all(remote_path: str, local: str | None = None, *, settings: Settings, nodes: str | None = None,
+            recursive: bool = False, on_done: Callable[[NodeResult], None] | None = None) -> GroupResult:
+    """Fetch from every node in parallel into ``LOCAL.0``, ``LOCAL.1`` ... by stable index."""
+    _check_remote(remote_path)
+    s = Session(settings)
+    info = s.existing()
+    targets = s.select(info, nodes)
+    _local_target(remote_path, local, "0")  # validate before any node is contacted
+    return s.fan_out(targets, lambda n: _fetch(s, n, remote_path, _local_target(remote_path, local, str(n.index)), recursive), on_done)
+
+
+def _pack_upload(local: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(str(local), arcname="x", recursive=True)
+    return buf.getvalue()
+
+
+def put(local: str, remote_path: str, *, settings: Settings, nodes: str | None = None) -> GroupResult:
+    """Copy a local file or folder to the nodes (atomically replaced on each)."""
+    src = Path(local).expanduser()
+    if not src.exists():
+        raise ConfigError(f"{local}: no such file or folder")
+    _check_remote(remote_path)
+    s = Session(settings)
+    info = s.existing()
+    targets = s.select(info, nodes)
+    with tempfile.TemporaryFile() as payload:
+        payload.write(_pack_upload(src))
+        lock = threading.Lock()
+        cmd = remote.put(remote_path, src.resolve().name, src.is_dir())
+
+        def op(node: Node) -> str:
+            with lock:
+                payload.seek(0)
+                data = payload.read()
+            r = s.client(node).run(cmd, input=data, timeout=settings.timeout.transfer or None)
+            if r.exit_code != 0:
+                raise NodeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.exit_code}")
+            return r.stdout.strip()
+
+        return s.fan_out(targets, op)
+
+
+# -- status, connect --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    name: str
+    provider: str
+    release: str | None
+    nodes: tuple[NodeStatus, ...]
+
+
+def status(*, settings: Settings, all_clusters: bool = True) -> list[ClusterStatus]:
+    """Every cluster (or just ``settings.cluster``) with each node's state and launch script."""
+    pm = plugins.get()
+    prov = provider_for(settings, pm, settings.provider)
+    names = sorted(set(prov.clusters()) | set(list_cluster_names(settings.home))) if all_clusters else [settings.cluster]
+    out = []
+    for name in names:
+        s = Session(settings.replace(cluster=name), pm)
+        s._provider = prov
+        info = s.info()
+        if not info.nodes and all_clusters:
+            continue
+        if not info.nodes and not all_clusters:
+            s.existing()
+
+        def probe(node: Node) -> NodeStatus:
+            if node.state != "running":
+                return NodeStatus(node, False, error=f"node is {node.state}")
+            r = s.client(node).run(remote.STATUS, timeout=max(5.0, settings.timeout.connect + 5))
+            words = (r.stdout.strip().splitlines() or ["unknown"])[-1].split()
+            state = words[0] if words else "unknown"
+            code = int(words[1]) if state == "exited" and len(words) > 1 and words[1].lstrip("-").isdigit() else None
+            rel = words[2] if len(words) > 2 else None
+            return NodeStatus(node, True, release=rel, launch_state=state, launch_exit=code)
+
+        res = s.fan_out(list(info.nodes), probe)
+        rows = tuple(
+            r.value if r.ok else NodeStatus(info.node(r.index), False, error=r.error) for r in res.results
+        )
+        out.append(ClusterStatus(name, info.provider, info.release.dirname if info.release else None, rows))
+    return out
+
+
+def ssh_argv(index: int | str = 0, *, settings: Settings, command: str | None = None) -> list[str]:
+    """The OpenSSH command line for an interactive shell on one node (``connect``)."""
+    s = Session(settings)
+    info = s.existing()
+    node = s.select(info, str(index))[0]
+    if node.state != "running":
+        raise NodeNotFound(f"node {node.index} of cluster {s.cluster!r} is {node.state}")
+    return s.client(node).argv(command, tty=True)
+
+
+def ssh_config(*, settings: Settings) -> str:
+    """OpenSSH config blocks for every node: ``ssh -F FILE <cluster>-<index>``."""
+    s = Session(settings)
+    info = s.existing()
+    blocks = []
+    for node in info.nodes:
+        target = s.client(node).target
+        blocks.append(ssh_config_block(node.name, target))
+    return "\n".join(blocks)
+
+
+def connection(index: int = 0, *, settings: Settings) -> Any:
+    """A ``fabric.Connection`` to one node, verifying its pinned host key (for your own tasks)."""
+    import paramiko
+    from fabric import Connection
+
+    s = Session(settings)
+    node = s.select(s.existing(), str(index))[0]
+    target = s.client(node).target
+    conn = Connection(
+        host=target.host, port=target.port, user=target.user,
+        connect_kwargs={"key_filename": target.key_file, "look_for_keys": False, "allow_agent": False},
+    )
+    conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    keys = paramiko.HostKeys(target.known_hosts)
+    for keytype, key in (keys.lookup(target.host_key_alias) or {}).items():
+        conn.client.get_host_keys().add(f"[{target.host}]:{target.port}", keytype, key)
+    return conn
+
+
+# -- terminate --------------------------------------------------------------------------
+
+def terminate(*, settings: Settings, nodes: str | None = None, progress: Progress = _quiet) -> GroupResult:
+    """Destroy the cluster's nodes (or those in ``nodes``) and everything they run. Idempotent."""
+    s = Session(settings)
+    info = s.info()
+    if not info.nodes:
+        if nodes is not None:
+            s.existing()
+        return GroupResult(())
+    targets = s.select(info, nodes)
+
+    def hook_remote(index: int, command: str) -> CommandResult:
+        return s.client(info.node(index)).run(command)
+
+    try:
+        s.pm.hook.vtool_before_terminate(cluster=info, nodes=tuple(targets), settings=settings, remote=hook_remote)
+    except Exception as e:  # reported, never blocks the tear-down
+        progress(f"warning: a before-terminate hook failed: {e}")
+    for node in targets:
+        if node.state == "running":
+            s.client(node).close()
+    results = GroupResult(tuple(s.provider.terminate(s.cluster, targets, progress)))
+    left = s.provider.nodes(s.cluster)
+    if not left:
+        s.provider.forget(s.cluster)
+    elif nodes is not None:
+        _tell_cluster(s, s.info(), [x for x in left if x.state == "running"], None)
+    return results
+
+
+def raise_for_failures(result: GroupResult, what: str) -> None:
+    if result.failed:
+        idx = ", ".join(str(r.index) for r in result.failed)
+        raise PartialFailure(f"{what} failed on {len(result.failed)} of {len(result.results)} node(s): {idx}", result)
+
+
+# -- an object API, as elasticluster had ------------------------------------------------
+
+class Cluster:
+    """A named cluster, for programs and notebooks. Every method returns dataclasses."""
+
+    def __init__(self, name: str | None = None, *, profile: str | None = None, **overrides: Any) -> None:
+        self.settings = settings(cluster=name, profile=profile, overrides=overrides or None)
+        self.name = self.settings.cluster
+
+    def launch(self, count: int = 1, **kw: Any) -> LaunchResult:
+        return launch(count, settings=self.settings, **kw)
+
+    def inject(self, path: str | Path, **kw: Any) -> GroupResult:
+        return inject(path, settings=self.settings, **kw)
+
+    def run(self, command: str, **kw: Any) -> GroupResult:
+        return run(command, settings=self.settings, **kw)
+
+    def get(self, remote_path: str, local: str | None = None, **kw: Any) -> FetchReport:
+        return get(remote_path, local, settings=self.settings, **kw)
+
+    def get_all(self, remote_path: str, local: str | None = None, **kw: Any) -> GroupResult:
+        return get_all(remote_path, local, settings=self.settings, **kw)
+
+    def put(self, local: str, remote_path: str, **kw: Any) -> GroupResult:
+        return put(local, remote_path, settings=self.settings, **kw)
+
+    def status(self) -> ClusterStatus | None:
+        found = status(settings=self.settings, all_clusters=False)
+        return found[0] if found else None
+
+    def nodes(self) -> tuple[Node, ...]:
+        return Session(self.settings).info().nodes
+
+    def connection(self, index: int = 0) -> Any:
+        return connection(index, settings=self.settings)
+
+    def terminate(self, **kw: Any) -> GroupResult:
+        return terminate(settings=self.settings, **kw)
+
+
+def _unused() -> None:  # keep names referenced for type checkers
+    del os

@@ -1,0 +1,322 @@
+"""vtool's configuration: Invoke's config layering with the prefix ``vtool``.
+
+Levels, lowest first: typed defaults (vtool's, then plugins'), ``/etc/vtool.yaml``,
+``~/.vtool.yaml``, ``./vtool.yaml``, the selected profile, ``VTOOL_*`` environment
+variables, command-line flags. Every file is checked: an unknown key or a value of the
+wrong type is refused with the file and the key path named.
+
+``VtoolConfig`` subclasses ``invoke.Config`` rather than ``fabric.Config``: importing
+fabric pulls in paramiko and cryptography (~100 ms), and ``vtool --help`` must start fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import invoke
+import yaml
+from invoke.env import Environment
+
+from .errors import ConfigError
+from .models import check_cluster_name
+
+# Every vtool setting with its typed default. Documented in README.md ("Config reference");
+# tests/test_docs.py keeps the two in step.
+VTOOL_DEFAULTS: dict[str, Any] = {
+    "cluster": "default",  # cluster name used when --cluster is not given
+    "profile": "",  # profile (a group of settings under `profiles:`) to apply
+    "provider": "local",  # local | ec2 | a plugin's provider
+    "home": "~/.vtool",  # where all local state lives (VTOOL_HOME)
+    "debug": False,  # show tracebacks for every error
+    "concurrency": 32,  # at most this many nodes are worked on at once
+    "timeout": {
+        "connect": 10,  # seconds to open an SSH connection to a node
+        "ready": 60,  # seconds launch waits for new nodes to accept SSH
+        "command": 0,  # seconds a `run` command may take per node (0: no limit)
+        "transfer": 0,  # seconds an inject/put/get may take per node (0: no limit)
+    },
+    "ssh": {
+        "user": "",  # login user on the nodes ("" = the provider's default)
+        "persist": 300,  # seconds a shared SSH connection stays open after the last command
+        "kex": "curve25519-sha256,curve25519-sha256@libssh.org,sntrup761x25519-sha512@openssh.com",
+        "program": "ssh",  # the OpenSSH client to run
+    },
+    "inject": {
+        "auto": True,  # nodes added by a later launch receive the cluster's current release
+        "screen": True,  # start the launch script inside screen when the node has it
+    },
+    "local": {
+        "sshd": "",  # path of the sshd binary ("" = look in PATH, /usr/sbin, /usr/local/sbin)
+    },
+    "profiles": {},  # name -> settings applied when that profile is selected
+}
+
+# Keys whose values are free-form mappings (checked elsewhere or not at all).
+_FREEFORM = {"profiles"}
+# Settings a profile may not change (they choose the profile or locate the state).
+_NOT_IN_PROFILE = {"profile", "profiles", "home"}
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``top`` onto a copy of ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "true/false", int: "a whole number", float: "a number", str: "a string"}.get(
+        type(value), "a mapping" if isinstance(value, Mapping) else type(value).__name__
+    )
+
+
+def _check_value(path: str, default: Any, value: Any, where: str) -> None:
+    ok = True
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, Mapping):
+        ok = isinstance(value, Mapping)
+    if not ok:
+        raise ConfigError(
+            f"{where}: {path} must be {_type_name(default)}, not {value!r}"
+        )
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and value < 0:
+        raise ConfigError(f"{where}: {path} must not be negative, not {value!r}")
+
+
+def check_tree(
+    data: Any, schema: Mapping[str, Any], where: str, prefix: str = "", allow: frozenset[str] = frozenset()
+) -> None:
+    """Refuse unknown keys and wrong types in ``data`` (one config level) against ``schema``."""
+    if data is None:
+        return
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: the file must hold a mapping of settings, not {type(data).__name__}")
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in schema:
+            if not prefix and key in allow:
+                continue
+            known = ", ".join(sorted(k for k in schema))
+            raise ConfigError(f"{where}: unknown setting {path!r} (known here: {known})")
+        default = schema[key]
+        _check_value(path, default, value, where)
+        if isinstance(default, Mapping) and key not in _FREEFORM and default:
+            check_tree(value, default, where, prefix=f"{path}.")
+        elif key == "profiles" and not prefix:
+            for name, body in value.items():
+                if not isinstance(body, Mapping):
+                    raise ConfigError(f"{where}: profiles.{name} must be a mapping of settings")
+                sub = {k: v for k, v in schema.items() if k not in _NOT_IN_PROFILE}
+                check_tree(body, sub, where, prefix=f"profiles.{name}.")
+
+
+class _CheckedEnvironment(Environment):
+    """Invoke's env loader, with strict casts: VTOOL_DEBUG=false means False, and
+    VTOOL_CONCURRENCY=abc is a clear error naming the variable."""
+
+    def _path_set(self, key_path: Any, value: str) -> None:  # type: ignore[override]
+        old = self._path_get(key_path)
+        var = self._to_env_var(key_path)
+        name = f"{self._prefix}{var}" if hasattr(self, "_prefix") else var
+        if isinstance(old, bool):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                new: Any = True
+            elif low in ("0", "false", "no", "off", ""):
+                new = False
+            else:
+                raise ConfigError(f"environment variable {name} must be true or false, not {value!r}")
+        elif isinstance(old, (int, float)) and not isinstance(old, bool):
+            try:
+                new = type(old)(value)
+            except ValueError:
+                raise ConfigError(f"environment variable {name} must be {_type_name(old)}, not {value!r}") from None
+        elif isinstance(old, Mapping):
+            raise ConfigError(f"environment variable {name} names a group of settings, not one setting")
+        else:
+            new = value
+        obj = self.data
+        for key in key_path[:-1]:
+            obj = obj.setdefault(key, {})
+        obj[key_path[-1]] = new
+
+
+class VtoolConfig(invoke.Config):
+    """An ``invoke.Config`` whose prefix is ``vtool``: files vtool.yaml, env VTOOL_*."""
+
+    prefix = "vtool"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # YAML only: a vtool.py next to a project must never be executed as config.
+        self._set(_file_suffixes=("yaml", "yml"))
+
+    @staticmethod
+    def global_defaults() -> dict[str, Any]:
+        return _merge(invoke.Config.global_defaults(), VTOOL_DEFAULTS)
+
+    def _load_yaml(self, path: Any) -> Any:
+        try:
+            with open(path) as fd:
+                return yaml.safe_load(fd)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}:{at}: not valid YAML ({problem})") from None
+        except OSError as e:
+            if e.errno == 2:
+                raise
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+
+    _load_yml = _load_yaml
+
+    def load_shell_env(self) -> None:
+        self.merge()
+        loader = _CheckedEnvironment(config=self._config, prefix=self._env_prefix)
+        self._set(_env=loader.load())
+        self.merge()
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float
+    ready: float
+    command: float
+    transfer: float
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    user: str
+    persist: int
+    kex: str
+    program: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings of one command: typed, validated, immutable."""
+
+    cluster: str
+    profile: str
+    provider: str
+    home: Path
+    debug: bool
+    concurrency: int
+    timeout: Timeouts
+    ssh: SshSettings
+    inject_auto: bool
+    inject_screen: bool
+    local_sshd: str
+    tree: Mapping[str, Any]  # the whole merged tree, plugin sections included
+    sources: tuple[str, ...] = ()  # config files that were read
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        """A plugin's own settings (``docker:``, ``nfs:`` ...) as a read-only mapping."""
+        value = self.tree.get(name, {})
+        return MappingProxyType(dict(value)) if isinstance(value, Mapping) else MappingProxyType({})
+
+    def replace(self, **changes: Any) -> Settings:
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+def _from_tree(tree: dict[str, Any], sources: tuple[str, ...]) -> Settings:
+    t = tree["timeout"]
+    s = tree["ssh"]
+    if tree["concurrency"] < 1:
+        raise ConfigError(f"concurrency must be at least 1, not {tree['concurrency']}")
+    return Settings(
+        cluster=check_cluster_name(tree["cluster"]),
+        profile=tree["profile"],
+        provider=tree["provider"],
+        home=Path(os.path.expanduser(tree["home"])).absolute(),
+        debug=tree["debug"],
+        concurrency=tree["concurrency"],
+        timeout=Timeouts(
+            connect=float(t["connect"]), ready=float(t["ready"]),
+            command=float(t["command"]), transfer=float(t["transfer"]),
+        ),
+        ssh=SshSettings(user=s["user"], persist=int(s["persist"]), kex=s["kex"], program=s["program"]),
+        inject_auto=tree["inject"]["auto"],
+        inject_screen=tree["inject"]["screen"],
+        local_sshd=tree["local"]["sshd"],
+        tree=MappingProxyType(tree),
+        sources=sources,
+    )
+
+
+def load_settings(
+    *,
+    cluster: str | None = None,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    plugin_defaults: Mapping[str, Any] | None = None,
+    project_dir: str | None = None,
+    system_prefix: str | None = None,
+    user_prefix: str | None = None,
+) -> Settings:
+    """Read every config level and return the effective, validated settings.
+
+    ``cluster``/``profile`` are the command-line flags; ``overrides`` are other flags as a
+    nested mapping (``{"timeout": {"ready": 5}}``).
+    """
+    schema = _merge(VTOOL_DEFAULTS, plugin_defaults or {})
+    cfg = VtoolConfig(
+        defaults=_merge(invoke.Config.global_defaults(), schema),
+        lazy=True,
+        system_prefix=system_prefix,
+        user_prefix=user_prefix,
+    )
+    cfg.set_project_location(project_dir if project_dir is not None else os.getcwd())
+    invoke_keys = frozenset(invoke.Config.global_defaults())
+    levels: list[tuple[str, dict[str, Any]]] = []
+    for level in ("system", "user", "project"):
+        getattr(cfg, f"load_{level}")(merge=False)
+        data = getattr(cfg, f"_{level}") or {}
+        path = getattr(cfg, f"_{level}_path")
+        if path:
+            check_tree(data, schema, str(path), allow=invoke_keys)
+            levels.append((str(path), data))
+    cfg.merge()
+    cfg.load_shell_env()
+    env = cfg._env or {}
+
+    tree: dict[str, Any] = copy.deepcopy(schema)
+    for _path, data in levels:
+        tree = _merge(tree, {k: v for k, v in data.items() if k not in invoke_keys})
+    # The profile's name can come from a file, the environment or the flag.
+    chosen = profile if profile is not None else env.get("profile", tree.get("profile", ""))
+    if chosen:
+        profiles = tree.get("profiles") or {}
+        if chosen not in profiles:
+            names = ", ".join(sorted(profiles)) or "none defined"
+            raise ConfigError(f"unknown profile {chosen!r} (profiles: {names}); define it under `profiles:` in vtool.yaml")
+        tree = _merge(tree, profiles[chosen])
+    tree = _merge(tree, {k: v for k, v in env.items() if k not in invoke_keys})
+    if overrides:
+        check_tree(overrides, schema, "command line")
+        tree = _merge(tree, overrides)
+    tree["profile"] = chosen or ""
+    if cluster is not None:
+        tree["cluster"] = cluster
+    return _from_tree(tree, tuple(p for p, _ in levels))

@@ -1,0 +1,41 @@
+"""The ``vtool`` console script: an Invoke Program over the vtool collection."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from invoke import Program
+
+from . import __version__
+from .config import VtoolConfig
+from .errors import VtoolError
+
+
+class VtoolProgram(Program):
+    """Invoke's Program, with vtool's errors (e.g. a broken vtool.yaml) as one line."""
+
+    def run(self, argv: Any = None, exit: bool = True) -> None:
+        try:
+            super().run(argv, exit)
+        except VtoolError as e:
+            if os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+                raise
+            print(f"vtool: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+
+
+def make_program() -> VtoolProgram:
+    try:
+        from .tasks import collection
+
+        ns = collection()
+    except VtoolError as e:  # a broken plugin: still one line, exit code 5
+        print(f"vtool: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    return VtoolProgram(name="vtool", binary="vtool", version=__version__, namespace=ns, config_class=VtoolConfig)
+
+
+def main() -> None:
+    make_program().run()

@@ -1,0 +1,289 @@
+"""Deployment packages: choose the files (skipping .git and what .gitignore excludes),
+write a deterministic tarball, and name it by a hash of its content.
+
+A package is a folder holding an executable ``vtool-launch`` (or vcloud's
+``vcloud-launch``), or a ``.tar.gz``/``.tgz``/``.tar.bz2`` of one such folder (what
+``mkpkg`` writes, or one made by hand with ``tar czf NAME.tar.gz NAME/``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import ConfigError
+from .models import Release
+
+LAUNCHERS = ("vtool-launch", "vcloud-launch")
+ARCHIVE_SUFFIXES = {".tar.gz": "gz", ".tgz": "gz", ".tar.bz2": "bz2"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,100}$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str  # posix path relative to the package folder
+    kind: str  # "file" | "dir" | "link"
+    executable: bool = False
+    target: str = ""  # for links
+
+
+def check_name(name: str, source: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"{source}: package name {name!r} must start with a letter, digit or '_' and use only "
+            "letters, digits and . _ + -"
+        )
+    return name
+
+
+class _Ignore:
+    """The subset of .gitignore rules that matter for packages: globs, '**', '!' negation,
+    trailing '/' (folders only) and leading '/' (anchored), per folder."""
+
+    def __init__(self) -> None:
+        self.rules: list[tuple[str, str, bool, bool, bool]] = []  # (base, pattern, negate, dir_only, anchored)
+
+    def add_file(self, base: str, path: Path) -> None:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            return
+        for raw in text.splitlines():
+            line = raw.rstrip()
+            if not line or line.startswith("#"):
+                continue
+            negate = line.startswith("!")
+            if negate:
+                line = line[1:]
+            line = line.replace("\\#", "#").replace("\\!", "!")
+            dir_only = line.endswith("/")
+            line = line.rstrip("/")
+            anchored = "/" in line
+            line = line.lstrip("/")
+            if line:
+                self.rules.append((base, line, negate, dir_only, anchored))
+
+    def ignored(self, rel: str, is_dir: bool) -> bool:
+        result = False
+        for base, pattern, negate, dir_only, anchored in self.rules:
+            if base and not rel.startswith(base + "/"):
+                continue
+            sub = rel[len(base) + 1:] if base else rel
+            if dir_only and not is_dir:
+                continue
+            if anchored:
+                hit = _glob_match(sub, pattern)
+            else:
+                hit = fnmatch.fnmatchcase(PurePosixPath(sub).name, pattern)
+            if hit:
+                result = not negate
+        return result
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    regex = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            regex += "(?:.*/)?"
+            i += 3
+        elif pattern.startswith("/**", i) and i + 3 == len(pattern):
+            regex += "/.*"
+            i += 3
+        elif pattern[i] == "*":
+            regex += "[^/]*"
+            i += 1
+        elif pattern[i] == "?":
+            regex += "[^/]"
+            i += 1
+        else:
+            regex += re.escape(pattern[i])
+            i += 1
+    return re.fullmatch(regex, path) is not None
+
+
+def select_files(root: Path) -> list[Entry]:
+    """Every entry of the package folder that is shipped, sorted, .git and ignored ones left out."""
+    ignore = _Ignore()
+    entries: list[Entry] = []
+
+    def walk(d: Path, rel: str) -> None:
+        if (d / ".gitignore").is_file():
+            ignore.add_file(rel, d / ".gitignore")
+        for child in sorted(d.iterdir(), key=lambda p: p.name):
+            crel = f"{rel}/{child.name}" if rel else child.name
+            if child.name == ".git":
+                continue
+            st = child.lstat()
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if ignore.ignored(crel, is_dir):
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                entries.append(Entry(crel, "link", target=os.readlink(child)))
+            elif is_dir:
+                entries.append(Entry(crel, "dir"))
+                walk(child, crel)
+            elif stat.S_ISREG(st.st_mode):
+                entries.append(Entry(crel, "file", executable=bool(st.st_mode & 0o111)))
+            # sockets, fifos and devices are never shipped
+
+    walk(root, "")
+    return entries
+
+
+def find_launcher(root: Path) -> str:
+    """The launch script's name, or a ConfigError saying what is wrong."""
+    for name in LAUNCHERS:
+        p = root / name
+        if p.is_file():
+            if not os.access(p, os.X_OK):
+                raise ConfigError(f"{p} is not executable: run `chmod +x {p}`")
+            return name
+    raise ConfigError(f"{root} has no launch script: add an executable file named vtool-launch (or vcloud-launch)")
+
+
+def content_hash(root: Path, entries: list[Entry]) -> str:
+    """sha256 over (kind, path, executable bit, link target, file bytes): mtimes and owners
+    do not change it, so an unchanged package is recognised on the nodes."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{e.kind}\0{e.path}\0{int(e.executable)}\0{e.target}\0".encode())
+        if e.kind == "file":
+            fh = hashlib.sha256()
+            with open(root / e.path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    fh.update(chunk)
+            h.update(fh.digest())
+    return h.hexdigest()
+
+
+def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level: int = 1) -> None:
+    """A gzip tarball of ``entries`` under the folder ``name/``, owners and modes normalised."""
+    tmp_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.close(tmp_fd)
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            top = tarfile.TarInfo(name)
+            top.type, top.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(top)
+            for e in entries:
+                src = root / e.path
+                info = tarfile.TarInfo(f"{name}/{e.path}")
+                st = src.lstat()
+                info.mtime = int(st.st_mtime)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if e.kind == "dir":
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                elif e.kind == "link":
+                    info.type, info.linkname, info.mode = tarfile.SYMTYPE, e.target, 0o777
+                    tar.addfile(info)
+                else:
+                    info.mode = 0o755 if e.executable else 0o644
+                    info.size = st.st_size
+                    with open(src, "rb") as f:
+                        tar.addfile(info, f)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_member_name(name: str, source: str) -> PurePosixPath:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise ConfigError(f"{source}: unsafe path {name!r} in the archive")
+    return p
+
+
+def inspect_archive(path: Path) -> tuple[str, str]:
+    """Check a package archive; return (package name, launcher name)."""
+    comp = next((c for s, c in ARCHIVE_SUFFIXES.items() if path.name.endswith(s)), None)
+    if comp is None:
+        raise ConfigError(f"{path}: a package is a folder or a .tar.gz, .tgz or .tar.bz2 file")
+    tops: set[str] = set()
+    members: dict[str, tarfile.TarInfo] = {}
+    try:
+        with tarfile.open(path, f"r:{comp}") as tar:
+            for m in tar:
+                p = _check_member_name(m.name, str(path))
+                tops.add(p.parts[0])
+                members[str(p)] = m
+                if not (m.isfile() or m.isdir() or m.issym()):
+                    raise ConfigError(f"{path}: {m.name!r} is neither a file, a folder nor a symlink")
+    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
+        raise ConfigError(f"{path}: not a readable package archive ({e})") from None
+    if len(tops) != 1:
+        raise ConfigError(f"{path}: the archive must hold exactly one top folder (found {', '.join(sorted(tops)) or 'nothing'})")
+    name = check_name(tops.pop(), str(path))
+    for launcher in LAUNCHERS:
+        m = members.get(f"{name}/{launcher}")
+        if m is not None and m.isfile():
+            if not m.mode & 0o100:
+                raise ConfigError(f"{path}: {name}/{launcher} is not executable (chmod +x it before packing)")
+            return name, launcher
+    raise ConfigError(f"{path}: no executable {name}/vtool-launch (or vcloud-launch) in the archive")
+
+
+def build_release(source: str | Path, store: Path) -> Release:
+    """Validate ``source`` (folder or archive) and make sure its archive is in ``store``.
+
+    Nothing is sent anywhere; an invalid package raises ConfigError before any node is touched.
+    """
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise ConfigError(f"{source}: no such folder or file")
+    if src.is_dir():
+        launcher = find_launcher(src)
+        name = check_name(src.resolve().name, str(source))
+        entries = select_files(src)
+        digest = content_hash(src, entries)
+        store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dest = store / f"{name}-{digest[:12]}.tar.gz"
+        if not dest.exists():
+            write_tarball(src, name, entries, dest)
+        return Release(name=name, hash=digest, compression="gz", archive=str(dest), launcher=launcher)
+    name, launcher = inspect_archive(src)
+    comp = next(c for s, c in ARCHIVE_SUFFIXES.items() if src.name.endswith(s))
+    h = hashlib.sha256()
+    with open(src, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    store.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dest = store / f"{name}-{digest[:12]}.tar.{comp}"
+    if not dest.exists():
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    return Release(name=name, hash=digest, compression=comp, archive=str(dest), launcher=launcher)
+
+
+def make_package(folder: str | Path, output: str | Path | None = None) -> Path:
+    """``mkpkg``: write ``NAME.tar.gz`` (the archive ``inject`` would send) and return its path."""
+    src = Path(folder).expanduser()
+    if not src.is_dir():
+        raise ConfigError(f"{folder}: no such folder")
+    find_launcher(src)
+    name = check_name(src.resolve().name, str(folder))
+    dest = Path(output) if output else Path.cwd() / f"{name}.tar.gz"
+    if dest.is_dir():
+        dest = dest / f"{name}.tar.gz"
+    if dest.resolve().is_relative_to(src.resolve()):
+        raise ConfigError(f"{dest}: write the package outside the folder it packs")
+    entries = select_files(src)
+    write_tarball(src, name, entries, dest, level=6)
+    os.chmod(dest, 0o644)
+    return dest

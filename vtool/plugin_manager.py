@@ -1,0 +1,80 @@
+"""Builds vtool's PluginManager: built-in modules first, then third-party plugins from
+the entry-point group ``vtool``. Built-ins use exactly the hooks third parties use."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+# Modules registered before any third-party plugin (each is inert unless configured).
+BUILTINS: tuple[str, ...] = (
+    "vtool.providers.local",
+)
+
+
+def build() -> pluggy.PluginManager:
+    """A fresh plugin manager with every hook checked (a misspelled hook fails, named)."""
+    pm = pluggy.PluginManager("vtool")
+    pm.add_hookspecs(hookspecs)
+    for name in BUILTINS:
+        pm.register(importlib.import_module(name), name=name)
+    for ep in sorted(entry_points(group="vtool"), key=lambda e: e.name):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as e:  # a broken third-party plugin must not look like a vtool bug
+            raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}") from None
+        try:
+            pm.register(plugin, name=ep.name)
+        except ValueError as e:
+            raise PluginError(f"plugin {ep.name!r} could not be registered: {e}") from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"plugin {e.plugin!r}: {e}") from None
+    return pm
+
+
+@lru_cache(maxsize=1)
+def get() -> pluggy.PluginManager:
+    """The process-wide plugin manager (built on first use)."""
+    return build()
+
+
+def providers(pm: pluggy.PluginManager) -> dict[str, Callable[..., Any]]:
+    found: dict[str, Callable[..., Any]] = {}
+
+    def register(name: str, factory: Callable[..., Any]) -> None:
+        if name in found:
+            raise PluginError(f"two plugins register a provider named {name!r}")
+        found[name] = factory
+
+    pm.hook.vtool_register_providers(register=register)
+    return found
+
+
+def config_defaults(pm: pluggy.PluginManager) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for contribution in pm.hook.vtool_config_defaults():
+        if not isinstance(contribution, dict):
+            raise PluginError(f"vtool_config_defaults must return a mapping, not {type(contribution).__name__}")
+        for key, value in contribution.items():
+            if key in merged:
+                raise PluginError(f"two plugins declare the setting {key!r}")
+            merged[key] = value
+    return merged
+
+
+def extra_tasks(pm: pluggy.PluginManager) -> list[Any]:
+    found: list[Any] = []
+    pm.hook.vtool_register_tasks(register=found.append)
+    return found

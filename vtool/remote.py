@@ -1,0 +1,183 @@
+"""The shell commands vtool runs on nodes (POSIX sh + GNU coreutils/tar), built with every
+argument quoted. Pure functions: nothing here connects anywhere.
+
+On each node vtool keeps::
+
+    ~/.vtool/cluster.env        VTOOL_* variables (sourced by the launch wrapper)
+    ~/.vtool/hosts              every node's address, in index order
+    ~/.vtool/other_hosts        the same without this node (as vcloud's file)
+    ~/.vtool/nodes              "INDEX NAME ADDRESS PORT" per node
+    ~/.vtool/releases/NAME-HASH one folder per release (never changed once unpacked)
+    ~/NAME -> releases/NAME-HASH   switched atomically by each inject
+    ~/.vtool/runs/STAMP/        one folder per start: command, pid, log, exit, release
+    ~/.vtool/current -> runs/STAMP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .models import Node, Release
+from .ssh import q
+
+# Runs the launch command of one start, recording pid, output and exit code.
+RUN_WRAPPER = r"""#!/bin/sh
+# written by vtool: runs a release's launch command and records pid, output and exit code
+run=$1
+rel=$2
+echo $$ > "$run/pid"
+cd "$rel" || { echo 127 > "$run/exit"; exit 127; }
+set -a
+. "$HOME/.vtool/cluster.env"
+set +a
+cmd=$(cat "$run/command")
+{ sh -c "$cmd" </dev/null; echo $? > "$run/exit.tmp"; mv -f "$run/exit.tmp" "$run/exit"; } 2>&1 | tee -a "$run/log"
+"""
+
+
+def _write_file(path: str, content: str, mode: str = "644") -> str:
+    return (
+        f'printf %s {q(content)} > "{path}.vtool-tmp" && chmod {mode} "{path}.vtool-tmp" && '
+        f'mv -f "{path}.vtool-tmp" "{path}"'
+    )
+
+
+def env_file(cluster: str, node: Node, nodes: Sequence[Node], extra: Mapping[str, str]) -> str:
+    ordered = sorted(nodes, key=lambda n: n.index)
+    rank = next((i for i, n in enumerate(ordered) if n.index == node.index), 0)
+    head = ordered[0].private_address if ordered else node.private_address
+    values = {
+        "VTOOL_CLUSTER": cluster,
+        "VTOOL_NODE_INDEX": str(node.index),
+        "VTOOL_NODE_RANK": str(rank),
+        "VTOOL_NODE_COUNT": str(len(ordered)),
+        "VTOOL_NODE_NAME": node.name,
+        "VTOOL_NODE_ADDRESS": node.private_address,
+        "VTOOL_HEAD": head,
+    }
+    values.update(extra)
+    lines = ["# written by vtool at each launch and inject; sourced by the launch wrapper"]
+    lines += [f"{key}={q(value)}" for key, value in values.items()]
+    lines.append("export " + " ".join(values))
+    return "\n".join(lines) + "\n"
+
+
+def prepare(cluster: str, node: Node, nodes: Sequence[Node], extra_env: Mapping[str, str], release: Release | None) -> str:
+    """Write the cluster files; print ``have`` or ``need`` for ``release``'s folder."""
+    ordered = sorted(nodes, key=lambda n: n.index)
+    hosts = "".join(f"{n.private_address}\n" for n in ordered)
+    others = "".join(f"{n.private_address}\n" for n in ordered if n.index != node.index)
+    table = "".join(f"{n.index} {n.name} {n.private_address} {n.port}\n" for n in ordered)
+    d = "$HOME/.vtool"
+    parts = [
+        "set -e",
+        f'mkdir -p "{d}/releases" "{d}/runs" "{d}/bin"',
+        _write_file(f"{d}/cluster.env", env_file(cluster, node, nodes, extra_env)),
+        _write_file(f"{d}/hosts", hosts),
+        _write_file(f"{d}/other_hosts", others),
+        _write_file(f"{d}/nodes", table),
+        _write_file(f"{d}/bin/vtool-run", RUN_WRAPPER, "755"),
+    ]
+    if release is not None:
+        parts.append(f'if [ -d "{d}/releases/"{q(release.dirname)} ]; then echo have; else echo need; fi')
+    return "; ".join(parts)
+
+
+def install(release: Release) -> str:
+    """Unpack the archive on stdin into the release folder (atomically; a no-op if present)."""
+    flag = {"gz": "-z", "bz2": "-j"}[release.compression]
+    return "; ".join([
+        "set -e",
+        'd="$HOME/.vtool/releases"',
+        f'rel="$d/"{q(release.dirname)}',
+        'if [ -d "$rel" ]; then cat >/dev/null; exit 0; fi',
+        'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
+        "trap 'rm -rf \"$tmp\"' EXIT",
+        f'tar -x {flag} -f - -C "$tmp" --no-same-owner',
+        f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}',
+        f'mv "$tmp/"{q(release.name)} "$rel"',
+    ])
+
+
+def start(release: Release, launch_command: str, use_screen: bool) -> str:
+    """Point ~/NAME at the release (atomic switch) and start the launch command, detached."""
+    name = q(release.name)
+    screen = (
+        'if command -v screen >/dev/null 2>&1; then '
+        f'screen -dmS vtool-{name} "$HOME/.vtool/bin/vtool-run" "$run" "$rel"; echo screen; exit 0; fi'
+    ) if use_screen else "true"
+    return "\n".join([
+        "set -e",
+        f'rel="$HOME/.vtool/releases/"{q(release.dirname)}',
+        f'link="$HOME/"{name}',
+        f'if [ -e "$link" ] && [ ! -L "$link" ]; then echo "~/"{name}" exists and is not a vtool release link: move it away" >&2; exit 3; fi',
+        f'ln -sfn "$rel" "$HOME/."{name}".vtool-tmp"',
+        f'mv -Tf "$HOME/."{name}".vtool-tmp" "$link"',
+        'run="$HOME/.vtool/runs/$(date +%Y%m%d-%H%M%S)-$$"',
+        'mkdir -p "$run"',
+        f'printf %s {q(release.dirname)} > "$run/release"',
+        f'printf %s {q(launch_command)} > "$run/command"',
+        'ln -sfn "$run" "$HOME/.vtool/.current.vtool-tmp"',
+        'mv -Tf "$HOME/.vtool/.current.vtool-tmp" "$HOME/.vtool/current"',
+        screen,
+        'setsid "$HOME/.vtool/bin/vtool-run" "$run" "$rel" </dev/null >/dev/null 2>&1 &',
+        "echo detached",
+    ])
+
+
+def with_cluster_env(command: str) -> str:
+    """``command`` with the node's VTOOL_* variables set (as the launch script has them)."""
+    return (
+        'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi\n'
+        + command
+    )
+
+
+STATUS = """c="$HOME/.vtool/current"
+if [ ! -d "$c" ]; then echo none; exit 0; fi
+rel=$(cat "$c/release" 2>/dev/null || true)
+pid=$(cat "$c/pid" 2>/dev/null || true)
+if [ -f "$c/exit" ]; then echo "exited $(cat "$c/exit") $rel"
+elif [ -z "$pid" ]; then echo "starting - $rel"
+elif kill -0 "$pid" 2>/dev/null; then echo "running $pid $rel"
+else echo "killed - $rel"; fi"""
+
+
+def logs(follow: bool, lines: int | None = None) -> str:
+    start_at = f"-n {int(lines)}" if lines else "-n +1"
+    tail = f"tail {start_at} -F" if follow else f"tail {start_at}"
+    return (
+        'f="$HOME/.vtool/current/log"; '
+        'if [ ! -e "$f" ] && [ ! -L "$HOME/.vtool/current" ]; then echo "no launch script has run on this node" >&2; exit 3; fi; '
+        f'exec {tail} -- "$f"'
+    )
+
+
+def fetch(remote: str, recursive: bool) -> str:
+    """Send ``remote`` (relative to the home folder) as a tar stream on stdout."""
+    return "; ".join([
+        f"p={q(remote)}",
+        'if [ ! -e "$p" ]; then echo "no such file or folder: $p" >&2; exit 44; fi',
+        'if [ -L "$p" ]; then p=$(readlink -f -- "$p"); fi',
+        f'if [ -d "$p" ] && [ {int(recursive)} = 0 ]; then echo "$p is a folder: use -r" >&2; exit 45; fi',
+        'cd -- "$(dirname -- "$p")"',
+        'exec tar -c -f - -- "$(basename -- "$p")"',
+    ])
+
+
+def put(remote: str, local_name: str, is_dir: bool) -> str:
+    """Receive a tar stream whose single top entry is ``x`` and place it at ``remote``."""
+    return "; ".join([
+        "set -e",
+        f"dst={q(remote)}",
+        f'case "$dst" in */) dst="$dst"{q(local_name)};; esac',
+        f'if [ -d "$dst" ] && [ ! -L "$dst" ] && [ {int(is_dir)} = 0 ]; then dst="$dst/"{q(local_name)}; fi',
+        'dir=$(dirname -- "$dst")',
+        'mkdir -p -- "$dir"',
+        'tmp=$(mktemp -d "$dir/.vtool-put.XXXXXX")',
+        "trap 'rm -rf \"$tmp\"' EXIT",
+        'tar -x -f - -C "$tmp" --no-same-owner',
+        'if [ -d "$dst" ] && [ ! -L "$dst" ]; then mv -T -- "$dst" "$tmp/old"; fi',
+        'mv -Tf -- "$tmp/x" "$dst"',
+        'echo "$dst"',
+    ])

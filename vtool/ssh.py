@@ -1,0 +1,308 @@
+"""vtool's one SSH path: the OpenSSH client, strictly verifying host keys, sharing one
+connection per node (ControlMaster), for commands, streams and interactive shells.
+
+OpenSSH rather than paramiko: connection sharing makes a warm command cost a few ms,
+the cheap curve25519 key exchange is a setting, ``connect`` needs a real TTY, and
+``ssh-config`` output can be used with the same options by hand (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import HostKeyMismatch, NodeError
+from .models import CommandResult, SshTarget
+
+LineCallback = Callable[[str, str], None]  # (stream "out"|"err", line without newline)
+
+_running: set[subprocess.Popen[bytes]] = set()
+_running_lock = threading.Lock()
+
+
+def _track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    with _running_lock:
+        _running.add(proc)
+    return proc
+
+
+def _untrack(proc: subprocess.Popen[bytes]) -> None:
+    with _running_lock:
+        _running.discard(proc)
+
+
+def kill_running() -> int:
+    """Kill every ssh client vtool started and that is still running (on Ctrl-C)."""
+    with _running_lock:
+        procs = list(_running)
+    for p in procs:
+        try:
+            p.kill()
+        except OSError:
+            pass
+    return len(procs)
+
+# stderr fragments meaning "the connection was never made": safe to retry.
+_CONNECT_FAILURES = (
+    "Connection refused",
+    "Connection timed out",
+    "Connection reset",
+    "kex_exchange_identification",
+    "No route to host",
+    "Connection closed by remote host",
+    "mux_client_request_session",
+    "ControlSocket",
+)
+
+
+def ssh_options(target: SshTarget, *, persist: int, connect_timeout: float, kex: str, control_dir: Path | None) -> list[str]:
+    """The ``-o`` options every vtool connection uses."""
+    opts = {
+        "IdentityFile": target.key_file,
+        "IdentitiesOnly": "yes",
+        "IdentityAgent": "none",
+        "BatchMode": "yes",
+        "StrictHostKeyChecking": "yes",
+        "UserKnownHostsFile": target.known_hosts,
+        "GlobalKnownHostsFile": "/dev/null",
+        "HostKeyAlias": target.host_key_alias,
+        "CheckHostIP": "no",
+        "UpdateHostKeys": "no",
+        "ConnectTimeout": str(max(1, int(connect_timeout))),
+        "ServerAliveInterval": "5",
+        "ServerAliveCountMax": "3",
+        "ForwardAgent": "no",
+        "ForwardX11": "no",
+        "LogLevel": "ERROR",
+        "User": target.user,
+        "Port": str(target.port),
+    }
+    if kex:
+        opts["KexAlgorithms"] = kex
+    if control_dir is not None:
+        opts.update(ControlMaster="auto", ControlPath=str(control_dir / "%C"), ControlPersist=str(max(1, persist)))
+    if target.proxy_jump:
+        opts["ProxyJump"] = target.proxy_jump
+    out: list[str] = []
+    for key, value in opts.items():
+        out += ["-o", f"{key}={value}"]
+    return out
+
+
+class SshClient:
+    """Runs commands on one node over a shared, verified OpenSSH connection."""
+
+    def __init__(
+        self,
+        target: SshTarget,
+        *,
+        program: str = "ssh",
+        persist: int = 300,
+        connect_timeout: float = 10,
+        kex: str = "",
+        control_dir: Path | None = None,
+        retries: int = 2,
+    ) -> None:
+        self.target = target
+        self.program = program
+        self.control_dir = control_dir
+        self.retries = retries
+        self.options = ssh_options(
+            target, persist=persist, connect_timeout=connect_timeout, kex=kex, control_dir=control_dir
+        )
+
+    def argv(self, command: str | None = None, *, tty: bool = False) -> list[str]:
+        args = [self.program, "-F", "/dev/null", *self.options]
+        if tty:
+            args.append("-tt" if command else "-t")
+        else:
+            args.append("-T")
+        args += ["--", self.target.host]
+        if command is not None:
+            args.append(command)
+        return args
+
+    def close(self) -> None:
+        """Close the shared connection, if one is open."""
+        if self.control_dir is None:
+            return
+        subprocess.run(
+            [self.program, "-F", "/dev/null", *self.options, "-O", "exit", "--", self.target.host],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False,
+        )
+
+    def run(
+        self,
+        command: str,
+        *,
+        input: bytes | IO[bytes] | None = None,
+        timeout: float | None = None,
+        on_line: LineCallback | None = None,
+        check: bool = False,
+    ) -> CommandResult:
+        """Run ``command`` (a shell string, already quoted) and return its exit code and output.
+
+        Connection failures (never a command's own exit code) are retried. Raises NodeError
+        when the node cannot be reached, HostKeyMismatch when its key is not the pinned one,
+        and NodeError on timeout.
+        """
+        attempt = 0
+        while True:
+            if attempt and hasattr(input, "seek"):
+                input.seek(0)  # type: ignore[union-attr]
+            result = self._run_once(command, input=input, timeout=timeout, on_line=on_line)
+            if result.exit_code != 255:
+                break
+            _raise_for_ssh_error(result.stderr, self.target)
+            if attempt >= self.retries or not any(f in result.stderr for f in _CONNECT_FAILURES):
+                raise NodeError(_ssh_error_line(result.stderr) or "SSH failed (exit 255)")
+            attempt += 1
+            time.sleep(0.3 * attempt)
+        if check and result.exit_code != 0:
+            raise NodeError(_ssh_error_line(result.stderr) or f"command exited {result.exit_code}")
+        return result
+
+    def _run_once(
+        self, command: str, *, input: Any, timeout: float | None, on_line: LineCallback | None
+    ) -> CommandResult:
+        pass_file = input is not None and not isinstance(input, (bytes, bytearray))
+        proc = _track(subprocess.Popen(
+            self.argv(command),
+            stdin=input if pass_file else (subprocess.PIPE if input is not None else subprocess.DEVNULL),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches vtool, which stops these (kill_running)
+        ))
+        try:
+            return self._wait(proc, input, pass_file, timeout, on_line)
+        finally:
+            _untrack(proc)
+
+    def _wait(
+        self, proc: subprocess.Popen[bytes], input: Any, pass_file: bool, timeout: float | None,
+        on_line: LineCallback | None,
+    ) -> CommandResult:
+        out: list[str] = []
+        err: list[str] = []
+
+        def pump(stream: IO[bytes], sink: list[str], name: str) -> None:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode(errors="replace")
+                sink.append(line)
+                if on_line is not None:
+                    on_line(name, line.rstrip("\n"))
+            stream.close()
+
+        threads = [
+            threading.Thread(target=pump, args=(proc.stdout, out, "out"), daemon=True),
+            threading.Thread(target=pump, args=(proc.stderr, err, "err"), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        if input is not None and not pass_file:
+            def feed() -> None:
+                try:
+                    assert proc.stdin is not None
+                    proc.stdin.write(input)
+                    proc.stdin.close()
+                except (BrokenPipeError, OSError):
+                    pass
+
+            threading.Thread(target=feed, daemon=True).start()
+        try:
+            rc = proc.wait(timeout=timeout if timeout else None)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            for t in threads:
+                t.join(1)
+            raise NodeError(f"timed out after {timeout:g}s") from None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        for t in threads:
+            t.join()
+        return CommandResult(rc, "".join(out), "".join(err))
+
+    def popen_stdout(self, command: str) -> subprocess.Popen[bytes]:
+        """Start ``command`` and give its stdout as a pipe (for streams such as a tar archive)."""
+        return _track(subprocess.Popen(
+            self.argv(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,
+        ))
+
+    def finish_stream(self, proc: subprocess.Popen[bytes]) -> CommandResult:
+        """Wait for a process from popen_stdout; its stdout must have been read."""
+        try:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            rc = proc.wait()
+        finally:
+            _untrack(proc)
+        if rc == 255:
+            _raise_for_ssh_error(err, self.target)
+            raise NodeError(_ssh_error_line(err) or "SSH failed (exit 255)")
+        return CommandResult(rc, "", err)
+
+
+def _ssh_error_line(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _raise_for_ssh_error(stderr: str, target: SshTarget) -> None:
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr or "Host key verification failed" in stderr:
+        raise HostKeyMismatch(
+            f"host key of {target.host}:{target.port} does not match the key pinned for "
+            f"{target.host_key_alias} in {target.known_hosts}; refusing to connect"
+        )
+    if "Permission denied" in stderr:
+        raise NodeError(f"{target.user}@{target.host}:{target.port} refused the cluster key ({_ssh_error_line(stderr)})")
+
+
+def ssh_config_block(name: str, target: SshTarget) -> str:
+    """An OpenSSH config ``Host`` block for one node, with the pinned host key."""
+
+    def q(v: str) -> str:
+        return f'"{v}"' if any(c.isspace() for c in v) else v
+
+    lines = [
+        f"Host {name}",
+        f"  HostName {target.host}",
+        f"  Port {target.port}",
+        f"  User {target.user}",
+        f"  IdentityFile {q(target.key_file)}",
+        "  IdentitiesOnly yes",
+        f"  UserKnownHostsFile {q(target.known_hosts)}",
+        "  GlobalKnownHostsFile /dev/null",
+        f"  HostKeyAlias {target.host_key_alias}",
+        "  StrictHostKeyChecking yes",
+        "  CheckHostIP no",
+    ]
+    if target.proxy_jump:
+        lines.append(f"  ProxyJump {target.proxy_jump}")
+    return "\n".join(lines) + "\n"
+
+
+def q(value: object) -> str:
+    """Shell-quote one argument for a remote command."""
+    return shlex.quote(str(value))
+
+
+def which_local(name: str, extra: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin", "/sbin")) -> str | None:
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in extra:
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK):
+            return p
+    return None

@@ -1,0 +1,198 @@
+"""Local state under $VTOOL_HOME: per-cluster folders, keys, known_hosts, the cluster cache.
+
+Layout::
+
+    $VTOOL_HOME/                      0700
+      clusters/<name>/                0700
+        id_ed25519, id_ed25519.pub    the cluster's client key (0600)
+        known_hosts                   pinned host keys of the cluster's nodes (0600)
+        state.json                    cache: provider, current release (atomic writes)
+        packages/                     archives of injected releases
+        nodes/<index>/                local provider only: one sshd node
+      cm/                             SSH connection-sharing sockets (0700)
+
+The provider stays the source of truth for which nodes exist; this is a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ProviderError
+from .models import Release
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) as 0700 whatever the umask; refuse a group/world-writable one."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to another user; vtool keeps its state only in folders you own")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+    """Write ``data`` atomically to ``path`` with ``mode``, whatever the umask."""
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read vtool state ({e}); remove the file to rebuild it") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class ClusterPaths:
+    """Where one cluster's local files live."""
+
+    def __init__(self, home: Path, cluster: str) -> None:
+        self.home = home
+        self.cluster = cluster
+        self.root = home / "clusters" / cluster
+        self.key = self.root / "id_ed25519"
+        self.pubkey = self.root / "id_ed25519.pub"
+        self.known_hosts = self.root / "known_hosts"
+        self.state_file = self.root / "state.json"
+        self.packages = self.root / "packages"
+        self.nodes = self.root / "nodes"
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def create(self) -> ClusterPaths:
+        ensure_private_dir(self.home)
+        ensure_private_dir(self.home / "clusters")
+        ensure_private_dir(self.root)
+        if not self.known_hosts.exists():
+            write_private(self.known_hosts, "")
+        return self
+
+
+def list_cluster_names(home: Path) -> list[str]:
+    base = home / "clusters"
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def ensure_client_key(paths: ClusterPaths) -> Path:
+    """The cluster's ed25519 client key: generated once (0600 in a 0700 folder), then checked."""
+    paths.create()
+    if paths.key.exists():
+        mode = stat.S_IMODE(paths.key.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                f"{paths.key} is readable by other users (mode {mode:o}); run `chmod 600 {paths.key}`"
+            )
+        return paths.key
+    keygen = shutil.which("ssh-keygen")
+    if keygen is None:
+        raise ProviderError("ssh-keygen not found: install the OpenSSH client (Debian/Ubuntu: apt-get install openssh-client)")
+    tmpdir = Path(tempfile.mkdtemp(dir=paths.root, prefix=".keygen."))
+    try:
+        tmpkey = tmpdir / "key"
+        subprocess.run(
+            [keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"vtool-{paths.cluster}", "-f", str(tmpkey)],
+            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        os.chmod(tmpkey, 0o600)
+        os.replace(tmpkey.with_suffix(".pub"), paths.pubkey)
+        os.replace(tmpkey, paths.key)
+    except subprocess.CalledProcessError as e:
+        raise ProviderError(f"ssh-keygen failed: {e.stderr.decode(errors='replace').strip()}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return paths.key
+
+
+def pin_host_key(paths: ClusterPaths, alias: str, key_line: str) -> None:
+    """Record ``alias``'s host key (``"ssh-ed25519 AAAA..."``) in the cluster's known_hosts."""
+    forget_host_keys(paths, [alias], add=[f"{alias} {key_line.strip()}"])
+
+
+def forget_host_keys(paths: ClusterPaths, aliases: list[str], add: list[str] | None = None) -> None:
+    try:
+        lines = paths.known_hosts.read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    drop = set(aliases)
+    kept = [ln for ln in lines if ln.split(" ", 1)[0] not in drop]
+    kept.extend(add or [])
+    if paths.root.is_dir():
+        write_private(paths.known_hosts, "".join(f"{ln}\n" for ln in kept))
+
+
+def control_dir(home: Path) -> Path:
+    """A private folder for SSH connection-sharing sockets, short enough for a socket path."""
+    candidate = home / "cm"
+    if len(str(candidate)) > 60:  # sun_path is ~104 bytes and OpenSSH adds a 40-char hash
+        digest = hashlib.sha256(str(home).encode()).hexdigest()[:10]
+        candidate = Path(tempfile.gettempdir()) / f"vtool-{os.getuid()}-{digest}"
+    ensure_private_dir(candidate)
+    return candidate
+
+
+class ClusterCache:
+    """state.json: the provider name and the release the cluster runs. A cache: it can be lost."""
+
+    def __init__(self, paths: ClusterPaths) -> None:
+        self.paths = paths
+
+    def load(self) -> dict[str, Any]:
+        data = read_json(self.paths.state_file, {})
+        return data if isinstance(data, dict) else {}
+
+    def update(self, **changes: Any) -> None:
+        data = self.load()
+        data.update(changes)
+        self.paths.create()
+        write_json(self.paths.state_file, data)
+
+    def release(self) -> Release | None:
+        r = self.load().get("release")
+        if not isinstance(r, dict):
+            return None
+        try:
+            rel = Release(**r)
+        except TypeError:
+            return None
+        return rel if Path(rel.archive).is_file() else None
+
+    def set_release(self, release: Release) -> None:
+        self.update(release=release.__dict__.copy())
+
+    def next_index(self) -> int:
+        value = self.load().get("next_index", 0)
+        return value if isinstance(value, int) and value >= 0 else 0

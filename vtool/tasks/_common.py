@@ -1,0 +1,132 @@
+"""What every vtool task shares: the error decorator, the common flags, output helpers."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from invoke import Exit, task
+from invoke.parser import ParserContext
+
+from ..errors import VtoolError
+
+COMMON_HELP = {
+    "cluster": "cluster name (default: the `cluster` setting, VTOOL_CLUSTER, or 'default')",
+    "profile": "apply the named profile from vtool.yaml (or VTOOL_PROFILE)",
+}
+
+
+def vtool_task(*, help: dict[str, str] | None = None, optional_positional: tuple[str, ...] = (), **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``@task`` that turns VtoolError into a one-line message and its exit code.
+
+    ``optional_positional`` names arguments that may be given bare (``launch 4``) or left out
+    (``launch``), which Invoke's own positional arguments do not allow.
+    """
+
+    def deco(body: Callable[..., Any]) -> Any:
+        @functools.wraps(body)
+        def wrapper(c: Any, *args: Any, **kw: Any) -> Any:
+            debug = os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on")
+            try:
+                return body(c, *args, **kw)
+            except VtoolError as e:
+                if debug:
+                    raise
+                raise Exit(f"vtool: {e}", code=e.exit_code) from None
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                raise Exit("vtool: interrupted", code=130) from None
+
+        params = inspect.signature(body).parameters
+        common = {k: v for k, v in COMMON_HELP.items() if k in params}
+        t = task(help={**common, **(help or {})}, **kwargs)(wrapper)
+        t.optional_positional = optional_positional
+        t.positional = list(dict.fromkeys([*t.positional, *optional_positional]))
+        return t
+
+    return deco
+
+
+class VtoolParserContext(ParserContext):
+    """Lets an argument be positional yet optional: eaten when given, None when not."""
+
+    optional: tuple[str, ...] = ()
+
+    @property
+    def missing_positional_args(self) -> list[Any]:  # type: ignore[override]
+        missing = [x for x in self.positional_args if x.value is None]
+        # Invoke's parser asks in two places: when it sees a bare token (it may eat it,
+        # unless it is a long option such as --help) and when the task's arguments end
+        # (then an optional argument is simply not given).
+        caller = sys._getframe(1)
+        token = caller.f_locals.get("token")
+        if caller.f_code.co_name == "complete_context" or (
+            isinstance(token, str) and (token.startswith("--") or token == "-h")
+        ):
+            missing = [x for x in missing if x.name not in self.optional]
+        return missing
+
+
+class Output:
+    """Progress on stderr (one updating line on a terminal), results on stdout."""
+
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.live = self.err.isatty()
+        self._lock = threading.Lock()
+        self._pending = False
+        self._t0 = time.monotonic()
+
+    def progress(self, message: str) -> None:
+        with self._lock:
+            stamp = f"[{time.monotonic() - self._t0:5.1f}s] "
+            if self.live:
+                self.err.write(f"\r\033[K{stamp}{message}")
+                self._pending = True
+            else:
+                self.err.write(f"{stamp}{message}\n")
+            self.err.flush()
+
+    def _end_live(self) -> None:
+        if self._pending:
+            self.err.write("\n")
+            self._pending = False
+
+    def line(self, text: str = "", err: bool = False) -> None:
+        with self._lock:
+            self._end_live()
+            stream = self.err if err else self.out
+            stream.write(text + "\n")
+            stream.flush()
+
+    def node_line(self, index: int, stream: str, text: str) -> None:
+        self.line(f"[{index}] {text}", err=(stream == "err"))
+
+    def done(self) -> None:
+        with self._lock:
+            self._end_live()
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"

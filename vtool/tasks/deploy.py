@@ -1,0 +1,37 @@
+"""inject, mkpkg."""
+
+from __future__ import annotations
+
+from .. import api
+from ._common import Output, vtool_task
+from .lifecycle import settings_from
+
+
+@vtool_task(help={
+    "path": "package folder (holding an executable vtool-launch) or a .tar.gz/.tgz/.tar.bz2 of one",
+    "nodes": "only these nodes, e.g. 0,2,5-7 (default: all)",
+})
+def inject(c, path, cluster=None, profile=None, nodes=None):
+    """Send a package to every node and start its vtool-launch there."""
+    settings = settings_from(cluster, profile)
+    out = Output()
+    result = api.inject(path, settings=settings, nodes=nodes, progress=out.progress)
+    out.done()
+    for r in result.results:
+        if r.ok:
+            how = "in screen" if r.value.get("mode") == "screen" else "detached"
+            sent = "sent" if r.value.get("sent") else "already there"
+            out.line(f"node {r.index}: started ({how}; package {sent})")
+        else:
+            out.line(f"node {r.index}: FAILED: {r.error}", err=True)
+    api.raise_for_failures(result, "inject")
+
+
+@vtool_task(help={
+    "folder": "the package folder to pack",
+    "output": "where to write the archive (default: ./NAME.tar.gz)",
+})
+def mkpkg(c, folder, output=None):
+    """Build the package archive that inject would send (NAME.tar.gz)."""
+    path = api.mkpkg(folder, output)
+    print(path)

@@ -1,0 +1,128 @@
+"""launch, status, terminate."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from .. import api
+from ..errors import UsageError
+from ._common import Output, duration, table, vtool_task
+
+
+def settings_from(cluster: str | None, profile: str | None, **overrides: Any) -> Any:
+    return api.settings(cluster=cluster, profile=profile, overrides={k: v for k, v in overrides.items() if v is not None} or None)
+
+
+def node_table(nodes: Any) -> str:
+    now = time.time()
+    rows = [
+        [str(n.index), n.id, f"{n.address}:{n.port}", n.state, duration(now - n.launched_at) if n.launched_at else "-"]
+        for n in nodes
+    ]
+    return table(rows, ["index", "id", "address", "state", "uptime"])
+
+
+@vtool_task(
+    optional_positional=("n",),
+    help={
+        "n": "how many nodes to add (default 1); launching again adds more",
+        "no_inject": "do not send the cluster's current release to the new nodes",
+        "ready_timeout": "seconds to wait for each new node to accept SSH (default: timeout.ready)",
+    },
+)
+def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout=None):
+    """Add N nodes to the cluster (default 1) and wait until they accept SSH."""
+    count = api.check_count(1 if n is None else n)
+    overrides = {"timeout": {"ready": int(ready_timeout)}} if ready_timeout is not None else {}
+    settings = settings_from(cluster, profile, **overrides)
+    out = Output()
+    result = api.launch(count, settings=settings, inject=False if no_inject else None, progress=out.progress)
+    out.done()
+    out.line(f"cluster {result.cluster.name!r}: {len(result.cluster.nodes)} node(s)")
+    out.line(node_table(result.cluster.nodes))
+    for r in result.ready.failed:
+        out.line(f"node {r.index}: {r.error}", err=True)
+    if result.injected is not None:
+        for r in result.injected.failed:
+            out.line(f"node {r.index}: inject failed: {r.error}", err=True)
+        api.raise_for_failures(result.injected, "sending the release to new nodes")
+    api.raise_for_failures(result.ready, "launch")
+
+
+@vtool_task(help={"json": "print machine-readable JSON instead of tables"})
+def status(c, cluster=None, profile=None, json_=False):
+    """Show every cluster and node: state, uptime, release, launch script."""
+    settings = settings_from(cluster, profile)
+    clusters = api.status(settings=settings, all_clusters=cluster is None)
+    now = time.time()
+    if json_:
+        doc = [
+            {
+                "cluster": cs.name, "provider": cs.provider, "release": cs.release,
+                "nodes": [
+                    {
+                        "index": ns.node.index, "id": ns.node.id, "address": ns.node.address, "port": ns.node.port,
+                        "state": ns.node.state, "reachable": ns.reachable,
+                        "uptime": round(now - ns.node.launched_at, 1) if ns.node.launched_at else None,
+                        "release": ns.release, "launch": ns.launch_state, "exit_code": ns.launch_exit,
+                        "error": ns.error,
+                    }
+                    for ns in cs.nodes
+                ],
+            }
+            for cs in clusters
+        ]
+        print(json.dumps(doc, indent=2))
+        return
+    if not clusters:
+        print("no clusters; start one with `vtool launch N`")
+        return
+    for cs in clusters:
+        print(f"cluster {cs.name} ({cs.provider}), release: {cs.release or 'none injected'}")
+        rows = []
+        for ns in cs.nodes:
+            n = ns.node
+            launch_col = ns.launch_state if ns.launch_exit is None else f"{ns.launch_state} {ns.launch_exit}"
+            rows.append([
+                str(n.index), n.id, f"{n.address}:{n.port}", n.state if ns.reachable else f"{n.state} (unreachable)",
+                duration(now - n.launched_at) if n.launched_at else "-", ns.release or "-", launch_col if ns.reachable else "-",
+            ])
+        print(table(rows, ["index", "id", "address", "state", "uptime", "release", "launch script"]))
+        print()
+
+
+@vtool_task(
+    help={
+        "nodes": "only these nodes, e.g. 0,2,5-7 (default: all)",
+        "yes": "do not ask for confirmation",
+    },
+)
+def terminate(c, cluster=None, profile=None, nodes=None, yes=False):
+    """Destroy the cluster's nodes (all, or --nodes) and everything they run."""
+    settings = settings_from(cluster, profile)
+    session = api.Session(settings)
+    info = session.info()
+    if not info.nodes:
+        if nodes is not None:
+            session.existing()
+        print(f"cluster {settings.cluster!r} has no nodes: nothing to terminate")
+        return
+    targets = session.select(info, nodes)
+    if not yes:
+        what = f"{len(targets)} node(s) ({', '.join(str(t.index) for t in targets)}) of cluster {settings.cluster!r}"
+        if not sys.stdin.isatty():
+            raise UsageError(f"not on a terminal: add --yes to terminate {what}")
+        answer = input(f"Terminate {what}? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("nothing terminated")
+            return
+    out = Output()
+    result = api.terminate(settings=settings, nodes=nodes, progress=out.progress)
+    out.done()
+    for r in result.failed:
+        out.line(f"node {r.index}: {r.error}", err=True)
+    api.raise_for_failures(result, "terminate")
+    out.line(f"terminated {len(result.succeeded)} node(s) of cluster {settings.cluster!r}")

@@ -1,0 +1,70 @@
+"""run, logs, connect, ssh-config."""
+
+from __future__ import annotations
+
+import subprocess
+
+from invoke import Exit
+
+from .. import api
+from ._common import Output, table, vtool_task
+from .lifecycle import settings_from
+
+NODES_HELP = "only these nodes, e.g. 0,2,5-7 (default: all)"
+
+
+def summary(result, out: Output) -> None:  # type: ignore[no-untyped-def]
+    rows = []
+    for r in result.results:
+        code = "-" if r.exit_code is None else str(r.exit_code)
+        note = "" if r.ok else (r.error or "")
+        rows.append([str(r.index), code, f"{r.seconds:.2f}s", note])
+    out.line(table(rows, ["node", "exit", "time", "error"]), err=True)
+    out.line(f"{len(result.succeeded)} ok, {len(result.failed)} failed", err=True)
+
+
+@vtool_task(help={"command": "shell command to run on each node (quote it)", "nodes": NODES_HELP})
+def run(c, command, cluster=None, profile=None, nodes=None):
+    """Run a shell command on all nodes in parallel; output prefixed by node index."""
+    settings = settings_from(cluster, profile)
+    out = Output()
+    result = api.run(command, settings=settings, nodes=nodes, on_line=out.node_line)
+    summary(result, out)
+    api.raise_for_failures(result, "the command")
+
+
+@vtool_task(help={
+    "nodes": NODES_HELP,
+    "follow": "keep printing new output until Ctrl-C",
+    "lines": "only the last N lines of each node's log",
+})
+def logs(c, cluster=None, profile=None, nodes=None, follow=False, lines=None):
+    """Show the launch scripts' output from every node, prefixed by index."""
+    settings = settings_from(cluster, profile)
+    out = Output()
+    result = api.logs(settings=settings, nodes=nodes, follow=follow, lines=int(lines) if lines else None, on_line=out.node_line)
+    for r in result.failed:
+        out.line(f"[{r.index}] {r.error}", err=True)
+    api.raise_for_failures(result, "logs")
+
+
+@vtool_task(optional_positional=("i",), help={"i": "node index (default 0)"})
+def connect(c, i=None, cluster=None, profile=None):
+    """Open an interactive shell on node I (default 0)."""
+    settings = settings_from(cluster, profile)
+    argv = api.ssh_argv(0 if i is None else i, settings=settings)
+    code = subprocess.call(argv)
+    if code:
+        raise Exit(code=code)
+
+
+@vtool_task(name="ssh-config", help={"output": "write to this file instead of printing"})
+def ssh_config(c, cluster=None, profile=None, output=None):
+    """Print an OpenSSH config for the nodes: ssh -F FILE CLUSTER-INDEX."""
+    settings = settings_from(cluster, profile)
+    text = api.ssh_config(settings=settings)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
