@@ -1,0 +1,146 @@
+"""Shared fixtures: an isolated HOME and VTOOL_HOME per test, the CLI run as a user runs
+it (a subprocess), and a tear-down that stops every node process the test started (by PID,
+after checking it is that node's process) and fails the test if one would not stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "pkg-examples"
+BIN = Path(sys.executable).parent
+
+if shutil.which("sshd") is None and not os.path.exists("/usr/sbin/sshd"):  # pragma: no cover
+    pytest.exit("OpenSSH sshd is needed for the tests: run `bash .ci/run` (it installs it)", returncode=3)
+
+
+@dataclass
+class Env:
+    root: Path  # the test's private folder
+    home: Path  # $HOME
+    vhome: Path  # $VTOOL_HOME
+    work: Path  # the current folder for commands
+    env: dict[str, str]
+
+    def cli(self, *args: str, input: str | None = None, cwd: Path | None = None, timeout: float = 120,
+            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``vtool ARGS`` as a user would (a new process)."""
+        return self.run_cmd([sys.executable, "-m", "vtool", *args], input=input, cwd=cwd, timeout=timeout, extra_env=extra_env)
+
+    def inv(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run ``inv ARGS`` (from the repository root unless ``cwd`` is given)."""
+        return self.run_cmd([str(BIN / "inv"), *args], cwd=cwd or REPO, timeout=timeout)
+
+    def run_cmd(self, argv: list[str], *, input: str | None = None, cwd: Path | None = None, timeout: float = 120,
+                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env = dict(self.env)
+        env.update(extra_env or {})
+        return subprocess.run(
+            argv, cwd=cwd or self.work, env=env, input=input if input is not None else "", text=True,
+            capture_output=True, timeout=timeout,
+        )
+
+    def ok(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        r = self.cli(*args, **kw)  # type: ignore[arg-type]
+        assert r.returncode == 0, f"vtool {' '.join(args)} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+        return r
+
+    def node_home(self, index: int, cluster: str = "default") -> Path:
+        return self.vhome / "clusters" / cluster / "nodes" / str(index) / "home"
+
+    def node_meta(self, index: int, cluster: str = "default") -> dict[str, object]:
+        import json
+
+        return json.loads((self.vhome / "clusters" / cluster / "nodes" / str(index) / "node.json").read_text())
+
+
+def _clean_environ(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VTOOL_")}
+    env.pop("AWS_ENDPOINT_URL", None)
+    env.update(HOME=str(tmp / "home"), VTOOL_HOME=str(tmp / "vh"), PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    # The repository's vtool is imported even when a test runs outside the repository.
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def stop_all_nodes(vhome: Path) -> list[int]:
+    """Stop every local node under ``vhome``; return PIDs that would not stop."""
+    from vtool.providers.local import _is_node_sshd, _kill_all, node_processes
+
+    survivors: list[int] = []
+    for meta_file in sorted(vhome.glob("clusters/*/nodes/*/node.json")):
+        import json
+
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError:
+            continue
+        d = meta_file.parent
+        pid = int(meta.get("pid", 0))
+        sshd = pid if _is_node_sshd(pid, d / "sshd_config") else None
+        survivors += _kill_all(node_processes(sshd, str(meta.get("token", ""))))
+    return survivors
+
+
+@pytest.fixture
+def venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    """An isolated user: HOME, VTOOL_HOME and a work folder of their own; no VTOOL_* set."""
+    env = _clean_environ(tmp_path)
+    for d in ("home", "vh", "work"):
+        (tmp_path / d).mkdir()
+    for k in list(os.environ):
+        if k.startswith("VTOOL_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("HOME", env["HOME"])
+    monkeypatch.setenv("VTOOL_HOME", env["VTOOL_HOME"])
+    monkeypatch.chdir(tmp_path / "work")
+    e = Env(tmp_path, tmp_path / "home", tmp_path / "vh", tmp_path / "work", env)
+    try:
+        yield e
+    finally:
+        survivors = stop_all_nodes(e.vhome)
+        assert not survivors, f"processes {survivors} survived the test's tear-down"
+
+
+@pytest.fixture
+def cluster3(venv: Env) -> Env:
+    """Three running local nodes in cluster 'default'."""
+    venv.ok("launch", "3")
+    return venv
+
+
+def make_package(base: Path, name: str, script: str, files: dict[str, str] | None = None, mode: int = 0o755) -> Path:
+    """A package folder ``base/name`` with ``vtool-launch`` = ``script``."""
+    d = base / name
+    d.mkdir(parents=True, exist_ok=True)
+    launch = d / "vtool-launch"
+    launch.write_text(script)
+    launch.chmod(mode)
+    for rel, text in (files or {}).items():
+        p = d / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return d
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy (no timing assertions: a deadline)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
