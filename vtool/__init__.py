@@ -22,14 +22,36 @@ from .hookspecs import hookimpl
 __version__ = "0.1.0"
 
 _API = (
-    "Cluster", "settings", "launch", "inject", "run", "get", "get_all", "put", "logs", "status",
-    "terminate", "mkpkg", "ssh_argv", "ssh_config", "connection",
+    "Cluster",
+    "settings",
+    "launch",
+    "inject",
+    "run",
+    "get",
+    "get_all",
+    "put",
+    "logs",
+    "status",
+    "terminate",
+    "mkpkg",
+    "ssh_argv",
+    "ssh_config",
+    "connection",
 )
 _MODELS = ("Node", "NodeResult", "GroupResult", "ClusterInfo", "Release", "NodeStatus", "FetchReport", "CommandResult")
 
 __all__ = [
-    "__version__", "hookimpl", "VtoolError", "ConfigError", "NodeError", "NodeNotFound", "PartialFailure",
-    "PluginError", "ProviderError", *_API, *_MODELS,
+    "__version__",
+    "hookimpl",
+    "VtoolError",
+    "ConfigError",
+    "NodeError",
+    "NodeNotFound",
+    "PartialFailure",
+    "PluginError",
+    "ProviderError",
+    *_API,
+    *_MODELS,
 ]
 
 

@@ -12,8 +12,8 @@ to an optional callback, remote output to an optional line callback.
 from __future__ import annotations
 
 import io
-import os
 import re
+import shutil
 import tarfile
 import tempfile
 import threading
@@ -31,8 +31,16 @@ from .config import VTOOL_DEFAULTS, Settings, load_settings
 from .errors import ConfigError, NodeError, NodeNotFound, PartialFailure, PluginError, UsageError, VtoolError
 from .fetch import extract_stream
 from .models import (
-    ClusterInfo, CommandResult, FetchReport, GroupResult, Node, NodeResult, NodeStatus, Release,
-    check_cluster_name, parse_node_spec,
+    ClusterInfo,
+    CommandResult,
+    FetchReport,
+    GroupResult,
+    Node,
+    NodeResult,
+    NodeStatus,
+    Release,
+    check_cluster_name,
+    parse_node_spec,
 )
 from .providers.base import Provider
 from .ssh import SshClient, ssh_config_block
@@ -49,7 +57,10 @@ def _quiet(_msg: str) -> None:
 
 
 def settings(
-    *, cluster: str | None = None, profile: str | None = None, overrides: Mapping[str, Any] | None = None,
+    *,
+    cluster: str | None = None,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
     pm: pluggy.PluginManager | None = None,
 ) -> Settings:
     """The effective settings (config files, profile, VTOOL_* variables, these arguments)."""
@@ -110,8 +121,12 @@ class Session:
                     target = replace(target, proxy_jump=str(jump))
                 s = self.settings
                 c = SshClient(
-                    target, program=s.ssh.program, persist=s.ssh.persist, connect_timeout=s.timeout.connect,
-                    kex=s.ssh.kex, control_dir=control_dir(s.home),
+                    target,
+                    program=s.ssh.program,
+                    persist=s.ssh.persist,
+                    connect_timeout=s.timeout.connect,
+                    kex=s.ssh.kex,
+                    control_dir=control_dir(s.home),
                 )
                 self._clients[node.index] = c
             return c
@@ -124,18 +139,25 @@ class Session:
 
         return run
 
-    def fan_out(self, nodes: Sequence[Node], op: Callable[[Node], Any], on_done: Callable[[NodeResult], None] | None = None) -> GroupResult:
-        return fanout.fan_out(nodes, op, concurrency=self.settings.concurrency, on_done=on_done, debug=self.settings.debug)
+    def fan_out(
+        self, nodes: Sequence[Node], op: Callable[[Node], Any], on_done: Callable[[NodeResult], None] | None = None
+    ) -> GroupResult:
+        return fanout.fan_out(
+            nodes, op, concurrency=self.settings.concurrency, on_done=on_done, debug=self.settings.debug
+        )
 
 
 def provider_for(settings: Settings, pm: pluggy.PluginManager, name: str) -> Provider:
     factories = plugins.providers(pm)
     if name not in factories:
-        raise ConfigError(f"unknown provider {name!r} (available: {', '.join(sorted(factories))}); set `provider:` in vtool.yaml or VTOOL_PROVIDER")
+        raise ConfigError(
+            f"unknown provider {name!r} (available: {', '.join(sorted(factories))}); set `provider:` in vtool.yaml or VTOOL_PROVIDER"
+        )
     return factories[name](settings)  # type: ignore[no-any-return]
 
 
 # -- launch -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LaunchResult:
@@ -155,7 +177,9 @@ def check_count(count: Any) -> int:
     return n
 
 
-def launch(count: int | str, *, settings: Settings, inject: bool | None = None, progress: Progress = _quiet) -> LaunchResult:
+def launch(
+    count: int | str, *, settings: Settings, inject: bool | None = None, progress: Progress = _quiet
+) -> LaunchResult:
     """Add ``count`` nodes to the cluster (additive, stable indices), wait until each accepts
     SSH, run the after-launch hooks, and send them the cluster's current release."""
     n = check_count(count)
@@ -166,7 +190,9 @@ def launch(count: int | str, *, settings: Settings, inject: bool | None = None, 
     indices = list(range(start, start + n))
     s.paths.create()
     s.cache.update(provider=s.provider.name, next_index=start + n)
-    progress(f"launching {n} node{'s' * (n != 1)} ({indices[0]}-{indices[-1]}) on {s.provider.name} for cluster {s.cluster!r}")
+    progress(
+        f"launching {n} node{'s' * (n != 1)} ({indices[0]}-{indices[-1]}) on {s.provider.name} for cluster {s.cluster!r}"
+    )
     created = s.provider.launch(s.cluster, indices, progress)
 
     deadline = time.monotonic() + settings.timeout.ready
@@ -190,7 +216,9 @@ def launch(count: int | str, *, settings: Settings, inject: bool | None = None, 
     def ready_done(r: NodeResult) -> None:
         if r.ok:
             counter["ready"] += 1
-        progress(f"waiting for SSH: {counter['ready']}/{len(created)} ready" + ("" if r.ok else f" (node {r.index} failed)"))
+        progress(
+            f"waiting for SSH: {counter['ready']}/{len(created)} ready" + ("" if r.ok else f" (node {r.index} failed)")
+        )
 
     ready = s.fan_out(created, wait_ready, on_done=ready_done)
     failed = {r.index for r in ready.failed}
@@ -205,9 +233,9 @@ def launch(count: int | str, *, settings: Settings, inject: bool | None = None, 
 
     hooked = s.fan_out(new, after)
     bad = {r.index for r in hooked.failed}
-    ready = GroupResult(tuple(
-        (next(h for h in hooked.results if h.index == r.index) if r.index in bad else r) for r in ready.results
-    ))
+    ready = GroupResult(
+        tuple((next(h for h in hooked.results if h.index == r.index) if r.index in bad else r) for r in ready.results)
+    )
     new = [x for x in new if x.index not in bad]
 
     release = s.cache.release()
@@ -224,12 +252,15 @@ def launch(count: int | str, *, settings: Settings, inject: bool | None = None, 
 
 # -- inject -----------------------------------------------------------------------------
 
+
 def prepare_release(path: str | Path, *, settings: Settings) -> Release:
     """Validate and pack ``path`` into the cluster's package store (no node is contacted)."""
     return package.build_release(path, ClusterPaths(settings.home, settings.cluster).packages)
 
 
-def inject(path: str | Path, *, settings: Settings, nodes: str | None = None, progress: Progress = _quiet) -> GroupResult:
+def inject(
+    path: str | Path, *, settings: Settings, nodes: str | None = None, progress: Progress = _quiet
+) -> GroupResult:
     """Send a package to the nodes, unpack it into its release folder, switch ``~/NAME`` to
     it and start its launch script. Refuses bad input before any node is contacted."""
     src = Path(path).expanduser()
@@ -272,7 +303,13 @@ def _tell_cluster(s: Session, info: ClusterInfo, nodes: Sequence[Node], release:
 
 
 def _inject_release(
-    s: Session, info: ClusterInfo, release: Release, *, targets: Sequence[Node], everyone: Sequence[Node], progress: Progress
+    s: Session,
+    info: ClusterInfo,
+    release: Release,
+    *,
+    targets: Sequence[Node],
+    everyone: Sequence[Node],
+    progress: Progress,
 ) -> GroupResult:
     target_ids = {x.index for x in targets}
     others = [x for x in everyone if x.index not in target_ids]
@@ -291,7 +328,9 @@ def _inject_release(
             with open(release.archive, "rb") as archive:
                 r = client.run(remote.install(release), input=archive, timeout=timeout)
             if r.exit_code != 0:
-                raise NodeError(f"unpacking failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.exit_code}")
+                raise NodeError(
+                    f"unpacking failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.exit_code}"
+                )
         command = s.pm.hook.vtool_launch_command(cluster=info, node=node, release=release, settings=s.settings)
         command = command or f"./{release.launcher}"
         r = client.run(remote.start(release, command, s.settings.inject_screen), timeout=timeout)
@@ -304,7 +343,9 @@ def _inject_release(
         progress(f"inject: {sent['done']}/{len(targets)} done" + ("" if r.ok else f" (node {r.index} failed)"))
 
     results = s.fan_out(targets, op, on_done=done)
-    s.pm.hook.vtool_after_inject(cluster=info, nodes=tuple(targets), release=release, results=results, settings=s.settings)
+    s.pm.hook.vtool_after_inject(
+        cluster=info, nodes=tuple(targets), release=release, results=results, settings=s.settings
+    )
     return results
 
 
@@ -314,6 +355,7 @@ def mkpkg(folder: str | Path, output: str | Path | None = None) -> Path:
 
 
 # -- run, logs --------------------------------------------------------------------------
+
 
 def run(command: str, *, settings: Settings, nodes: str | None = None, on_line: LineSink | None = None) -> GroupResult:
     """Run a shell command on the nodes in parallel; a result (exit code) per node."""
@@ -325,13 +367,21 @@ def run(command: str, *, settings: Settings, nodes: str | None = None, on_line: 
 
     def op(node: Node) -> CommandResult:
         sink = (lambda stream, line: on_line(node.index, stream, line)) if on_line else None
-        return s.client(node).run(remote.with_cluster_env(command), timeout=settings.timeout.command or None, on_line=sink)
+        return s.client(node).run(
+            remote.with_cluster_env(command), timeout=settings.timeout.command or None, on_line=sink
+        )
 
     return s.fan_out(targets, op)
 
 
-def logs(*, settings: Settings, nodes: str | None = None, follow: bool = False, lines: int | None = None,
-         on_line: LineSink | None = None) -> GroupResult:
+def logs(
+    *,
+    settings: Settings,
+    nodes: str | None = None,
+    follow: bool = False,
+    lines: int | None = None,
+    on_line: LineSink | None = None,
+) -> GroupResult:
     """The launch scripts' output from the nodes; with ``follow``, until interrupted."""
     s = Session(settings)
     info = s.existing()
@@ -352,6 +402,7 @@ def logs(*, settings: Settings, nodes: str | None = None, follow: bool = False, 
 
 
 # -- transfers --------------------------------------------------------------------------
+
 
 def _local_target(remote_path: str, local: str | None, suffix: str | None) -> Path:
     base = Path(remote_path.rstrip("/")).name
@@ -396,12 +447,16 @@ def _fetch(s: Session, node: Node, remote_path: str, dest: Path, recursive: bool
     if error is not None:
         raise error
     if result.exit_code != 0:
-        raise NodeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"tar exited {result.exit_code}")
+        raise NodeError(
+            result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"tar exited {result.exit_code}"
+        )
     assert report is not None
     return report
 
 
-def get(remote_path: str, local: str | None = None, *, settings: Settings, node: int | str = 0, recursive: bool = False) -> FetchReport:
+def get(
+    remote_path: str, local: str | None = None, *, settings: Settings, node: int | str = 0, recursive: bool = False
+) -> FetchReport:
     """Fetch a file (or, with ``recursive``, a folder) from one node (vcloud's scpget)."""
     _check_remote(remote_path)
     s = Session(settings)
@@ -411,15 +466,26 @@ def get(remote_path: str, local: str | None = None, *, settings: Settings, node:
     return _fetch(s, target, remote_path, dest, recursive)
 
 
-def get_all(remote_path: str, local: str | None = None, *, settings: Settings, nodes: str | None = None,
-            recursive: bool = False, on_done: Callable[[NodeResult], None] | None = None) -> GroupResult:
+def get_all(
+    remote_path: str,
+    local: str | None = None,
+    *,
+    settings: Settings,
+    nodes: str | None = None,
+    recursive: bool = False,
+    on_done: Callable[[NodeResult], None] | None = None,
+) -> GroupResult:
     """Fetch from every node in parallel into ``LOCAL.0``, ``LOCAL.1`` ... by stable index."""
     _check_remote(remote_path)
     s = Session(settings)
     info = s.existing()
     targets = s.select(info, nodes)
     _local_target(remote_path, local, "0")  # validate before any node is contacted
-    return s.fan_out(targets, lambda n: _fetch(s, n, remote_path, _local_target(remote_path, local, str(n.index)), recursive), on_done)
+    return s.fan_out(
+        targets,
+        lambda n: _fetch(s, n, remote_path, _local_target(remote_path, local, str(n.index)), recursive),
+        on_done,
+    )
 
 
 def _pack_upload(local: Path) -> bytes:
@@ -457,6 +523,7 @@ def put(local: str, remote_path: str, *, settings: Settings, nodes: str | None =
 
 # -- status, connect --------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ClusterStatus:
     name: str
@@ -469,7 +536,9 @@ def status(*, settings: Settings, all_clusters: bool = True) -> list[ClusterStat
     """Every cluster (or just ``settings.cluster``) with each node's state and launch script."""
     pm = plugins.get()
     prov = provider_for(settings, pm, settings.provider)
-    names = sorted(set(prov.clusters()) | set(list_cluster_names(settings.home))) if all_clusters else [settings.cluster]
+    names = (
+        sorted(set(prov.clusters()) | set(list_cluster_names(settings.home))) if all_clusters else [settings.cluster]
+    )
     out = []
     for name in names:
         s = Session(settings.replace(cluster=name), pm)
@@ -480,7 +549,7 @@ def status(*, settings: Settings, all_clusters: bool = True) -> list[ClusterStat
         if not info.nodes and not all_clusters:
             s.existing()
 
-        def probe(node: Node) -> NodeStatus:
+        def probe(node: Node, s: Session = s) -> NodeStatus:
             if node.state != "running":
                 return NodeStatus(node, False, error=f"node is {node.state}")
             r = s.client(node).run(remote.STATUS, timeout=max(5.0, settings.timeout.connect + 5))
@@ -491,9 +560,7 @@ def status(*, settings: Settings, all_clusters: bool = True) -> list[ClusterStat
             return NodeStatus(node, True, release=rel, launch_state=state, launch_exit=code)
 
         res = s.fan_out(list(info.nodes), probe)
-        rows = tuple(
-            r.value if r.ok else NodeStatus(info.node(r.index), False, error=r.error) for r in res.results
-        )
+        rows = tuple(r.value if r.ok else NodeStatus(info.node(r.index), False, error=r.error) for r in res.results)
         out.append(ClusterStatus(name, info.provider, info.release.dirname if info.release else None, rows))
     return out
 
@@ -528,7 +595,9 @@ def connection(index: int = 0, *, settings: Settings) -> Any:
     node = s.select(s.existing(), str(index))[0]
     target = s.client(node).target
     conn = Connection(
-        host=target.host, port=target.port, user=target.user,
+        host=target.host,
+        port=target.port,
+        user=target.user,
         connect_kwargs={"key_filename": target.key_file, "look_for_keys": False, "allow_agent": False},
     )
     conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -539,6 +608,7 @@ def connection(index: int = 0, *, settings: Settings) -> Any:
 
 
 # -- terminate --------------------------------------------------------------------------
+
 
 def terminate(*, settings: Settings, nodes: str | None = None, progress: Progress = _quiet) -> GroupResult:
     """Destroy the cluster's nodes (or those in ``nodes``) and everything they run. Idempotent."""
@@ -564,6 +634,7 @@ def terminate(*, settings: Settings, nodes: str | None = None, progress: Progres
     left = s.provider.nodes(s.cluster)
     if not left:
         s.provider.forget(s.cluster)
+        shutil.rmtree(s.paths.root, ignore_errors=True)  # key, known_hosts, cached releases
     elif nodes is not None:
         _tell_cluster(s, s.info(), [x for x in left if x.state == "running"], None)
     return results
@@ -576,6 +647,7 @@ def raise_for_failures(result: GroupResult, what: str) -> None:
 
 
 # -- an object API, as elasticluster had ------------------------------------------------
+
 
 class Cluster:
     """A named cluster, for programs and notebooks. Every method returns dataclasses."""
@@ -614,7 +686,3 @@ class Cluster:
 
     def terminate(self, **kw: Any) -> GroupResult:
         return terminate(settings=self.settings, **kw)
-
-
-def _unused() -> None:  # keep names referenced for type checkers
-    del os

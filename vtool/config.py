@@ -93,9 +93,7 @@ def _check_value(path: str, default: Any, value: Any, where: str) -> None:
     elif isinstance(default, Mapping):
         ok = isinstance(value, Mapping)
     if not ok:
-        raise ConfigError(
-            f"{where}: {path} must be {_type_name(default)}, not {value!r}"
-        )
+        raise ConfigError(f"{where}: {path} must be {_type_name(default)}, not {value!r}")
     if isinstance(default, (int, float)) and not isinstance(default, bool) and value < 0:
         raise ConfigError(f"{where}: {path} must not be negative, not {value!r}")
 
@@ -253,8 +251,10 @@ def _from_tree(tree: dict[str, Any], sources: tuple[str, ...]) -> Settings:
         debug=tree["debug"],
         concurrency=tree["concurrency"],
         timeout=Timeouts(
-            connect=float(t["connect"]), ready=float(t["ready"]),
-            command=float(t["command"]), transfer=float(t["transfer"]),
+            connect=float(t["connect"]),
+            ready=float(t["ready"]),
+            command=float(t["command"]),
+            transfer=float(t["transfer"]),
         ),
         ssh=SshSettings(user=s["user"], persist=int(s["persist"]), kex=s["kex"], program=s["program"]),
         inject_auto=tree["inject"]["auto"],
@@ -310,7 +310,9 @@ def load_settings(
         profiles = tree.get("profiles") or {}
         if chosen not in profiles:
             names = ", ".join(sorted(profiles)) or "none defined"
-            raise ConfigError(f"unknown profile {chosen!r} (profiles: {names}); define it under `profiles:` in vtool.yaml")
+            raise ConfigError(
+                f"unknown profile {chosen!r} (profiles: {names}); define it under `profiles:` in vtool.yaml"
+            )
         tree = _merge(tree, profiles[chosen])
     tree = _merge(tree, {k: v for k, v in env.items() if k not in invoke_keys})
     if overrides:

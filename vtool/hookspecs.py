@@ -13,7 +13,8 @@ connection.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 
@@ -62,7 +63,6 @@ def vtool_gateway(node: Any, settings: Any) -> str | None:  # type: ignore[empty
 
     firstresult: the first non-None answer wins; return None to decline (direct connection).
     """
-
 
 
 @hookspec

@@ -15,8 +15,7 @@ def check_cluster_name(name: str) -> str:
     """Return ``name`` if it is a valid cluster name, else raise ConfigError."""
     if not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
         raise ConfigError(
-            f"invalid cluster name {name!r}: use a lower-case letter, then up to 40 "
-            "lower-case letters, digits or '-'"
+            f"invalid cluster name {name!r}: use a lower-case letter, then up to 40 lower-case letters, digits or '-'"
         )
     return name
 

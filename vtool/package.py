@@ -77,7 +77,7 @@ class _Ignore:
         for base, pattern, negate, dir_only, anchored in self.rules:
             if base and not rel.startswith(base + "/"):
                 continue
-            sub = rel[len(base) + 1:] if base else rel
+            sub = rel[len(base) + 1 :] if base else rel
             if dir_only and not is_dir:
                 continue
             if anchored:
@@ -171,8 +171,11 @@ def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level
     tmp_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     os.close(tmp_fd)
     try:
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
             top = tarfile.TarInfo(name)
             top.type, top.mode = tarfile.DIRTYPE, 0o755
             tar.addfile(top)
@@ -226,7 +229,9 @@ def inspect_archive(path: Path) -> tuple[str, str]:
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
         raise ConfigError(f"{path}: not a readable package archive ({e})") from None
     if len(tops) != 1:
-        raise ConfigError(f"{path}: the archive must hold exactly one top folder (found {', '.join(sorted(tops)) or 'nothing'})")
+        raise ConfigError(
+            f"{path}: the archive must hold exactly one top folder (found {', '.join(sorted(tops)) or 'nothing'})"
+        )
     name = check_name(tops.pop(), str(path))
     for launcher in LAUNCHERS:
         m = members.get(f"{name}/{launcher}")

@@ -62,7 +62,9 @@ def env_file(cluster: str, node: Node, nodes: Sequence[Node], extra: Mapping[str
     return "\n".join(lines) + "\n"
 
 
-def prepare(cluster: str, node: Node, nodes: Sequence[Node], extra_env: Mapping[str, str], release: Release | None) -> str:
+def prepare(
+    cluster: str, node: Node, nodes: Sequence[Node], extra_env: Mapping[str, str], release: Release | None
+) -> str:
     """Write the cluster files; print ``have`` or ``need`` for ``release``'s folder."""
     ordered = sorted(nodes, key=lambda n: n.index)
     hosts = "".join(f"{n.private_address}\n" for n in ordered)
@@ -86,51 +88,56 @@ def prepare(cluster: str, node: Node, nodes: Sequence[Node], extra_env: Mapping[
 def install(release: Release) -> str:
     """Unpack the archive on stdin into the release folder (atomically; a no-op if present)."""
     flag = {"gz": "-z", "bz2": "-j"}[release.compression]
-    return "; ".join([
-        "set -e",
-        'd="$HOME/.vtool/releases"',
-        f'rel="$d/"{q(release.dirname)}',
-        'if [ -d "$rel" ]; then cat >/dev/null; exit 0; fi',
-        'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
-        "trap 'rm -rf \"$tmp\"' EXIT",
-        f'tar -x {flag} -f - -C "$tmp" --no-same-owner',
-        f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}',
-        f'mv "$tmp/"{q(release.name)} "$rel"',
-    ])
+    return "; ".join(
+        [
+            "set -e",
+            'd="$HOME/.vtool/releases"',
+            f'rel="$d/"{q(release.dirname)}',
+            'if [ -d "$rel" ]; then cat >/dev/null; exit 0; fi',
+            'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
+            "trap 'rm -rf \"$tmp\"' EXIT",
+            f'tar -x {flag} -f - -C "$tmp" --no-same-owner',
+            f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}',
+            f'mv "$tmp/"{q(release.name)} "$rel"',
+        ]
+    )
 
 
 def start(release: Release, launch_command: str, use_screen: bool) -> str:
     """Point ~/NAME at the release (atomic switch) and start the launch command, detached."""
     name = q(release.name)
     screen = (
-        'if command -v screen >/dev/null 2>&1; then '
-        f'screen -dmS vtool-{name} "$HOME/.vtool/bin/vtool-run" "$run" "$rel"; echo screen; exit 0; fi'
-    ) if use_screen else "true"
-    return "\n".join([
-        "set -e",
-        f'rel="$HOME/.vtool/releases/"{q(release.dirname)}',
-        f'link="$HOME/"{name}',
-        f'if [ -e "$link" ] && [ ! -L "$link" ]; then echo "~/"{name}" exists and is not a vtool release link: move it away" >&2; exit 3; fi',
-        f'ln -sfn "$rel" "$HOME/."{name}".vtool-tmp"',
-        f'mv -Tf "$HOME/."{name}".vtool-tmp" "$link"',
-        'run="$HOME/.vtool/runs/$(date +%Y%m%d-%H%M%S)-$$"',
-        'mkdir -p "$run"',
-        f'printf %s {q(release.dirname)} > "$run/release"',
-        f'printf %s {q(launch_command)} > "$run/command"',
-        'ln -sfn "$run" "$HOME/.vtool/.current.vtool-tmp"',
-        'mv -Tf "$HOME/.vtool/.current.vtool-tmp" "$HOME/.vtool/current"',
-        screen,
-        'setsid "$HOME/.vtool/bin/vtool-run" "$run" "$rel" </dev/null >/dev/null 2>&1 &',
-        "echo detached",
-    ])
+        (
+            "if command -v screen >/dev/null 2>&1; then "
+            f'screen -dmS vtool-{name} "$HOME/.vtool/bin/vtool-run" "$run" "$rel"; echo screen; exit 0; fi'
+        )
+        if use_screen
+        else "true"
+    )
+    return "\n".join(
+        [
+            "set -e",
+            f'rel="$HOME/.vtool/releases/"{q(release.dirname)}',
+            f'link="$HOME/"{name}',
+            f'if [ -e "$link" ] && [ ! -L "$link" ]; then echo "~/"{name}" exists and is not a vtool release link: move it away" >&2; exit 3; fi',
+            f'ln -sfn "$rel" "$HOME/."{name}".vtool-tmp"',
+            f'mv -Tf "$HOME/."{name}".vtool-tmp" "$link"',
+            'run="$HOME/.vtool/runs/$(date +%Y%m%d-%H%M%S)-$$"',
+            'mkdir -p "$run"',
+            f'printf %s {q(release.dirname)} > "$run/release"',
+            f'printf %s {q(launch_command)} > "$run/command"',
+            'ln -sfn "$run" "$HOME/.vtool/.current.vtool-tmp"',
+            'mv -Tf "$HOME/.vtool/.current.vtool-tmp" "$HOME/.vtool/current"',
+            screen,
+            'setsid "$HOME/.vtool/bin/vtool-run" "$run" "$rel" </dev/null >/dev/null 2>&1 &',
+            "echo detached",
+        ]
+    )
 
 
 def with_cluster_env(command: str) -> str:
     """``command`` with the node's VTOOL_* variables set (as the launch script has them)."""
-    return (
-        'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi\n'
-        + command
-    )
+    return 'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi\n' + command
 
 
 STATUS = """c="$HOME/.vtool/current"
@@ -155,29 +162,33 @@ def logs(follow: bool, lines: int | None = None) -> str:
 
 def fetch(remote: str, recursive: bool) -> str:
     """Send ``remote`` (relative to the home folder) as a tar stream on stdout."""
-    return "; ".join([
-        f"p={q(remote)}",
-        'if [ ! -e "$p" ]; then echo "no such file or folder: $p" >&2; exit 44; fi',
-        'if [ -L "$p" ]; then p=$(readlink -f -- "$p"); fi',
-        f'if [ -d "$p" ] && [ {int(recursive)} = 0 ]; then echo "$p is a folder: use -r" >&2; exit 45; fi',
-        'cd -- "$(dirname -- "$p")"',
-        'exec tar -c -f - -- "$(basename -- "$p")"',
-    ])
+    return "; ".join(
+        [
+            f"p={q(remote)}",
+            'if [ ! -e "$p" ]; then echo "no such file or folder: $p" >&2; exit 44; fi',
+            'if [ -L "$p" ]; then p=$(readlink -f -- "$p"); fi',
+            f'if [ -d "$p" ] && [ {int(recursive)} = 0 ]; then echo "$p is a folder: use -r" >&2; exit 45; fi',
+            'cd -- "$(dirname -- "$p")"',
+            'exec tar -c -f - -- "$(basename -- "$p")"',
+        ]
+    )
 
 
 def put(remote: str, local_name: str, is_dir: bool) -> str:
     """Receive a tar stream whose single top entry is ``x`` and place it at ``remote``."""
-    return "; ".join([
-        "set -e",
-        f"dst={q(remote)}",
-        f'case "$dst" in */) dst="$dst"{q(local_name)};; esac',
-        f'if [ -d "$dst" ] && [ ! -L "$dst" ] && [ {int(is_dir)} = 0 ]; then dst="$dst/"{q(local_name)}; fi',
-        'dir=$(dirname -- "$dst")',
-        'mkdir -p -- "$dir"',
-        'tmp=$(mktemp -d "$dir/.vtool-put.XXXXXX")',
-        "trap 'rm -rf \"$tmp\"' EXIT",
-        'tar -x -f - -C "$tmp" --no-same-owner',
-        'if [ -d "$dst" ] && [ ! -L "$dst" ]; then mv -T -- "$dst" "$tmp/old"; fi',
-        'mv -Tf -- "$tmp/x" "$dst"',
-        'echo "$dst"',
-    ])
+    return "; ".join(
+        [
+            "set -e",
+            f"dst={q(remote)}",
+            f'case "$dst" in */) dst="$dst"{q(local_name)};; esac',
+            f'if [ -d "$dst" ] && [ ! -L "$dst" ] && [ {int(is_dir)} = 0 ]; then dst="$dst/"{q(local_name)}; fi',
+            'dir=$(dirname -- "$dst")',
+            'mkdir -p -- "$dir"',
+            'tmp=$(mktemp -d "$dir/.vtool-put.XXXXXX")',
+            "trap 'rm -rf \"$tmp\"' EXIT",
+            'tar -x -f - -C "$tmp" --no-same-owner',
+            'if [ -d "$dst" ] && [ ! -L "$dst" ]; then mv -T -- "$dst" "$tmp/old"; fi',
+            'mv -Tf -- "$tmp/x" "$dst"',
+            'echo "$dst"',
+        ]
+    )

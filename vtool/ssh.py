@@ -48,6 +48,7 @@ def kill_running() -> int:
             pass
     return len(procs)
 
+
 # stderr fragments meaning "the connection was never made": safe to retry.
 _CONNECT_FAILURES = (
     "Connection refused",
@@ -61,7 +62,9 @@ _CONNECT_FAILURES = (
 )
 
 
-def ssh_options(target: SshTarget, *, persist: int, connect_timeout: float, kex: str, control_dir: Path | None) -> list[str]:
+def ssh_options(
+    target: SshTarget, *, persist: int, connect_timeout: float, kex: str, control_dir: Path | None
+) -> list[str]:
     """The ``-o`` options every vtool connection uses."""
     opts = {
         "IdentityFile": target.key_file,
@@ -134,7 +137,11 @@ class SshClient:
             return
         subprocess.run(
             [self.program, "-F", "/dev/null", *self.options, "-O", "exit", "--", self.target.host],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+            check=False,
         )
 
     def run(
@@ -172,20 +179,26 @@ class SshClient:
         self, command: str, *, input: Any, timeout: float | None, on_line: LineCallback | None
     ) -> CommandResult:
         pass_file = input is not None and not isinstance(input, (bytes, bytearray))
-        proc = _track(subprocess.Popen(
-            self.argv(command),
-            stdin=input if pass_file else (subprocess.PIPE if input is not None else subprocess.DEVNULL),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C reaches vtool, which stops these (kill_running)
-        ))
+        proc = _track(
+            subprocess.Popen(
+                self.argv(command),
+                stdin=input if pass_file else (subprocess.PIPE if input is not None else subprocess.DEVNULL),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # Ctrl-C reaches vtool, which stops these (kill_running)
+            )
+        )
         try:
             return self._wait(proc, input, pass_file, timeout, on_line)
         finally:
             _untrack(proc)
 
     def _wait(
-        self, proc: subprocess.Popen[bytes], input: Any, pass_file: bool, timeout: float | None,
+        self,
+        proc: subprocess.Popen[bytes],
+        input: Any,
+        pass_file: bool,
+        timeout: float | None,
         on_line: LineCallback | None,
     ) -> CommandResult:
         out: list[str] = []
@@ -206,6 +219,7 @@ class SshClient:
         for t in threads:
             t.start()
         if input is not None and not pass_file:
+
             def feed() -> None:
                 try:
                     assert proc.stdin is not None
@@ -233,10 +247,15 @@ class SshClient:
 
     def popen_stdout(self, command: str) -> subprocess.Popen[bytes]:
         """Start ``command`` and give its stdout as a pipe (for streams such as a tar archive)."""
-        return _track(subprocess.Popen(
-            self.argv(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True,
-        ))
+        return _track(
+            subprocess.Popen(
+                self.argv(command),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        )
 
     def finish_stream(self, proc: subprocess.Popen[bytes]) -> CommandResult:
         """Wait for a process from popen_stdout; its stdout must have been read."""
@@ -263,7 +282,9 @@ def _raise_for_ssh_error(stderr: str, target: SshTarget) -> None:
             f"{target.host_key_alias} in {target.known_hosts}; refusing to connect"
         )
     if "Permission denied" in stderr:
-        raise NodeError(f"{target.user}@{target.host}:{target.port} refused the cluster key ({_ssh_error_line(stderr)})")
+        raise NodeError(
+            f"{target.user}@{target.host}:{target.port} refused the cluster key ({_ssh_error_line(stderr)})"
+        )
 
 
 def ssh_config_block(name: str, target: SshTarget) -> str:

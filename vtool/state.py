@@ -113,19 +113,22 @@ def ensure_client_key(paths: ClusterPaths) -> Path:
     if paths.key.exists():
         mode = stat.S_IMODE(paths.key.stat().st_mode)
         if mode & 0o077:
-            raise ConfigError(
-                f"{paths.key} is readable by other users (mode {mode:o}); run `chmod 600 {paths.key}`"
-            )
+            raise ConfigError(f"{paths.key} is readable by other users (mode {mode:o}); run `chmod 600 {paths.key}`")
         return paths.key
     keygen = shutil.which("ssh-keygen")
     if keygen is None:
-        raise ProviderError("ssh-keygen not found: install the OpenSSH client (Debian/Ubuntu: apt-get install openssh-client)")
+        raise ProviderError(
+            "ssh-keygen not found: install the OpenSSH client (Debian/Ubuntu: apt-get install openssh-client)"
+        )
     tmpdir = Path(tempfile.mkdtemp(dir=paths.root, prefix=".keygen."))
     try:
         tmpkey = tmpdir / "key"
         subprocess.run(
             [keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"vtool-{paths.cluster}", "-f", str(tmpkey)],
-            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         os.chmod(tmpkey, 0o600)
         os.replace(tmpkey.with_suffix(".pub"), paths.pubkey)

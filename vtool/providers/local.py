@@ -26,7 +26,17 @@ from ..errors import ProviderError
 from ..hookspecs import hookimpl
 from ..models import Node, NodeResult, SshTarget
 from ..ssh import which_local
-from ..state import ClusterPaths, ensure_client_key, ensure_private_dir, forget_host_keys, list_cluster_names, pin_host_key, read_json, write_json, write_private
+from ..state import (
+    ClusterPaths,
+    ensure_client_key,
+    ensure_private_dir,
+    forget_host_keys,
+    list_cluster_names,
+    pin_host_key,
+    read_json,
+    write_json,
+    write_private,
+)
 from .base import Progress
 
 NAME = "local"
@@ -49,7 +59,12 @@ case $- in *i*) ;; *) return ;; esac
 PS1='[vtool {name}] \\w\\$ '
 """
 
-_SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server", "/usr/lib/ssh/sftp-server")
+_SFTP_SERVERS = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+)
 
 
 def _q(value: str | Path) -> str:
@@ -178,9 +193,13 @@ class LocalProvider:
         self._sshd()
         for tool in ("ssh", "ssh-keygen"):
             if which_local(tool) is None:
-                raise ProviderError(f"{tool} not found: install the OpenSSH client (Debian/Ubuntu: sudo apt-get install openssh-client)")
+                raise ProviderError(
+                    f"{tool} not found: install the OpenSSH client (Debian/Ubuntu: sudo apt-get install openssh-client)"
+                )
         if os.getuid() != 0 and self.user != pwd.getpwuid(os.getuid()).pw_name:
-            raise ProviderError(f"local nodes run as you; ssh.user {self.user!r} can only be used when vtool runs as root")
+            raise ProviderError(
+                f"local nodes run as you; ssh.user {self.user!r} can only be used when vtool runs as root"
+            )
 
     # -- listing ------------------------------------------------------------------------
     def clusters(self) -> list[str]:
@@ -190,7 +209,9 @@ class LocalProvider:
         base = ClusterPaths(self.home, cluster).nodes
         if not base.is_dir():
             return []
-        return sorted((p for p in base.iterdir() if p.name.isdigit() and (p / "node.json").is_file()), key=lambda p: int(p.name))
+        return sorted(
+            (p for p in base.iterdir() if p.name.isdigit() and (p / "node.json").is_file()), key=lambda p: int(p.name)
+        )
 
     def _node(self, cluster: str, d: Path) -> Node | None:
         meta = read_json(d / "node.json", None)
@@ -245,7 +266,9 @@ class LocalProvider:
         hostkey = d / "ssh_host_ed25519_key"
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"vtool-{name}", "-f", str(hostkey)],
-            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
         )
         os.chmod(hostkey, 0o600)
         write_private(d / "authorized_keys", paths.pubkey.read_text(), 0o600)
@@ -263,22 +286,48 @@ class LocalProvider:
             pidfile.unlink(missing_ok=True)
             proc = subprocess.Popen(
                 [sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(log)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True, env=_sshd_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+                env=_sshd_env(),
             )
             pid = self._wait_listening(proc, port, pidfile)
             if pid:
-                write_json(d / "node.json", {
-                    "index": index, "id": node_id, "port": port, "pid": pid, "user": self.user,
-                    "token": token, "launched_at": time.time(), "cluster": cluster,
-                })
-                return Node(cluster, index, node_id, NAME, "127.0.0.1", port, self.user, "127.0.0.1",
-                            "running", time.time(), (("pid", str(pid)),))
+                write_json(
+                    d / "node.json",
+                    {
+                        "index": index,
+                        "id": node_id,
+                        "port": port,
+                        "pid": pid,
+                        "user": self.user,
+                        "token": token,
+                        "launched_at": time.time(),
+                        "cluster": cluster,
+                    },
+                )
+                return Node(
+                    cluster,
+                    index,
+                    node_id,
+                    NAME,
+                    "127.0.0.1",
+                    port,
+                    self.user,
+                    "127.0.0.1",
+                    "running",
+                    time.time(),
+                    (("pid", str(pid)),),
+                )
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             last_error = (err + (log.read_text(errors="replace") if log.exists() else "")).strip()
             if "Bind" not in last_error and "bind" not in last_error and "Address already in use" not in last_error:
                 break
-        raise ProviderError(f"node {index}: sshd did not start: {last_error.splitlines()[-1] if last_error else 'no output'}")
+        raise ProviderError(
+            f"node {index}: sshd did not start: {last_error.splitlines()[-1] if last_error else 'no output'}"
+        )
 
     def _write_config(self, d: Path, port: int, home: Path, token: str) -> None:
         lines = [
@@ -333,8 +382,12 @@ class LocalProvider:
     def ssh_target(self, node: Node) -> SshTarget:
         paths = ClusterPaths(self.home, node.cluster)
         return SshTarget(
-            host=node.address, port=node.port, user=node.user, key_file=str(paths.key),
-            known_hosts=str(paths.known_hosts), host_key_alias=node.host_key_alias,
+            host=node.address,
+            port=node.port,
+            user=node.user,
+            key_file=str(paths.key),
+            known_hosts=str(paths.known_hosts),
+            host_key_alias=node.host_key_alias,
         )
 
     # -- tear-down ------------------------------------------------------------------------

@@ -37,9 +37,18 @@ def collection() -> VtoolCollection:
 
     ns = VtoolCollection()
     for t in (
-        lifecycle.launch, deploy.inject, remote.connect, transfer.scpget, transfer.scpgetall,
-        lifecycle.terminate, remote.run, transfer.put, remote.logs, lifecycle.status,
-        remote.ssh_config, deploy.mkpkg,
+        lifecycle.launch,
+        deploy.inject,
+        remote.connect,
+        transfer.scpget,
+        transfer.scpgetall,
+        lifecycle.terminate,
+        remote.run,
+        transfer.put,
+        remote.logs,
+        lifecycle.status,
+        remote.ssh_config,
+        deploy.mkpkg,
     ):
         ns.add_task(t)
     for extra in plugin_manager.extra_tasks(plugin_manager.get()):

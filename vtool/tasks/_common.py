@@ -22,7 +22,9 @@ COMMON_HELP = {
 }
 
 
-def vtool_task(*, help: dict[str, str] | None = None, optional_positional: tuple[str, ...] = (), **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+def vtool_task(
+    *, help: dict[str, str] | None = None, optional_positional: tuple[str, ...] = (), **kwargs: Any
+) -> Callable[[Callable[..., Any]], Any]:
     """``@task`` that turns VtoolError into a one-line message and its exit code.
 
     ``optional_positional`` names arguments that may be given bare (``launch 4``) or left out
@@ -117,7 +119,9 @@ class Output:
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines = [
+        "  ".join(str(cell).ljust(w) for cell, w in zip(r, widths, strict=False)).rstrip() for r in [header, *rows]
+    ]
     return "\n".join(lines)
 
 

@@ -7,10 +7,12 @@ from ._common import Output, vtool_task
 from .lifecycle import settings_from
 
 
-@vtool_task(help={
-    "path": "package folder (holding an executable vtool-launch) or a .tar.gz/.tgz/.tar.bz2 of one",
-    "nodes": "only these nodes, e.g. 0,2,5-7 (default: all)",
-})
+@vtool_task(
+    help={
+        "path": "package folder (holding an executable vtool-launch) or a .tar.gz/.tgz/.tar.bz2 of one",
+        "nodes": "only these nodes, e.g. 0,2,5-7 (default: all)",
+    }
+)
 def inject(c, path, cluster=None, profile=None, nodes=None):
     """Send a package to every node and start its vtool-launch there."""
     settings = settings_from(cluster, profile)
@@ -27,10 +29,12 @@ def inject(c, path, cluster=None, profile=None, nodes=None):
     api.raise_for_failures(result, "inject")
 
 
-@vtool_task(help={
-    "folder": "the package folder to pack",
-    "output": "where to write the archive (default: ./NAME.tar.gz)",
-})
+@vtool_task(
+    help={
+        "folder": "the package folder to pack",
+        "output": "where to write the archive (default: ./NAME.tar.gz)",
+    }
+)
 def mkpkg(c, folder, output=None):
     """Build the package archive that inject would send (NAME.tar.gz)."""
     path = api.mkpkg(folder, output)

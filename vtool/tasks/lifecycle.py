@@ -13,7 +13,9 @@ from ._common import Output, duration, table, vtool_task
 
 
 def settings_from(cluster: str | None, profile: str | None, **overrides: Any) -> Any:
-    return api.settings(cluster=cluster, profile=profile, overrides={k: v for k, v in overrides.items() if v is not None} or None)
+    return api.settings(
+        cluster=cluster, profile=profile, overrides={k: v for k, v in overrides.items() if v is not None} or None
+    )
 
 
 def node_table(nodes: Any) -> str:
@@ -61,13 +63,21 @@ def status(c, cluster=None, profile=None, json_=False):
     if json_:
         doc = [
             {
-                "cluster": cs.name, "provider": cs.provider, "release": cs.release,
+                "cluster": cs.name,
+                "provider": cs.provider,
+                "release": cs.release,
                 "nodes": [
                     {
-                        "index": ns.node.index, "id": ns.node.id, "address": ns.node.address, "port": ns.node.port,
-                        "state": ns.node.state, "reachable": ns.reachable,
+                        "index": ns.node.index,
+                        "id": ns.node.id,
+                        "address": ns.node.address,
+                        "port": ns.node.port,
+                        "state": ns.node.state,
+                        "reachable": ns.reachable,
                         "uptime": round(now - ns.node.launched_at, 1) if ns.node.launched_at else None,
-                        "release": ns.release, "launch": ns.launch_state, "exit_code": ns.launch_exit,
+                        "release": ns.release,
+                        "launch": ns.launch_state,
+                        "exit_code": ns.launch_exit,
                         "error": ns.error,
                     }
                     for ns in cs.nodes
@@ -86,10 +96,17 @@ def status(c, cluster=None, profile=None, json_=False):
         for ns in cs.nodes:
             n = ns.node
             launch_col = ns.launch_state if ns.launch_exit is None else f"{ns.launch_state} {ns.launch_exit}"
-            rows.append([
-                str(n.index), n.id, f"{n.address}:{n.port}", n.state if ns.reachable else f"{n.state} (unreachable)",
-                duration(now - n.launched_at) if n.launched_at else "-", ns.release or "-", launch_col if ns.reachable else "-",
-            ])
+            rows.append(
+                [
+                    str(n.index),
+                    n.id,
+                    f"{n.address}:{n.port}",
+                    n.state if ns.reachable else f"{n.state} (unreachable)",
+                    duration(now - n.launched_at) if n.launched_at else "-",
+                    ns.release or "-",
+                    launch_col if ns.reachable else "-",
+                ]
+            )
         print(table(rows, ["index", "id", "address", "state", "uptime", "release", "launch script"]))
         print()
 

@@ -33,16 +33,20 @@ def run(c, command, cluster=None, profile=None, nodes=None):
     api.raise_for_failures(result, "the command")
 
 
-@vtool_task(help={
-    "nodes": NODES_HELP,
-    "follow": "keep printing new output until Ctrl-C",
-    "lines": "only the last N lines of each node's log",
-})
+@vtool_task(
+    help={
+        "nodes": NODES_HELP,
+        "follow": "keep printing new output until Ctrl-C",
+        "lines": "only the last N lines of each node's log",
+    }
+)
 def logs(c, cluster=None, profile=None, nodes=None, follow=False, lines=None):
     """Show the launch scripts' output from every node, prefixed by index."""
     settings = settings_from(cluster, profile)
     out = Output()
-    result = api.logs(settings=settings, nodes=nodes, follow=follow, lines=int(lines) if lines else None, on_line=out.node_line)
+    result = api.logs(
+        settings=settings, nodes=nodes, follow=follow, lines=int(lines) if lines else None, on_line=out.node_line
+    )
     for r in result.failed:
         out.line(f"[{r.index}] {r.error}", err=True)
     api.raise_for_failures(result, "logs")

@@ -55,11 +55,13 @@ def scpgetall(c, remote, local=None, cluster=None, profile=None, nodes=None, rec
     api.raise_for_failures(result, "scpgetall")
 
 
-@vtool_task(help={
-    "local": "local file or folder",
-    "remote": REMOTE_HELP,
-    "nodes": "only these nodes, e.g. 0,2,5-7 (default: all)",
-})
+@vtool_task(
+    help={
+        "local": "local file or folder",
+        "remote": REMOTE_HELP,
+        "nodes": "only these nodes, e.g. 0,2,5-7 (default: all)",
+    }
+)
 def put(c, local, remote, cluster=None, profile=None, nodes=None):
     """Copy a local file or folder to the nodes."""
     settings = settings_from(cluster, profile)
