@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from invoke import Exit, task
+from invoke import Exit, Task, task
 from invoke.parser import ParserContext
 
 from ..errors import VtoolError
@@ -22,8 +22,32 @@ COMMON_HELP = {
 }
 
 
+class VtoolTask(Task):
+    """A Task whose positional arguments take no short flag (Invoke gives them one, so
+    ``scpget``'s REMOTE took ``-r``); ``shortflags`` then assigns the ones users expect."""
+
+    shortflags: dict[str, str] = {}
+
+    def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Any]:
+        args = super().get_arguments(ignore_unknown_help=ignore_unknown_help)
+        wanted = set(self.shortflags.values())
+        for arg in args:
+            long = arg.names[0]
+            keep = [n for n in arg.names[1:] if len(n) > 1]
+            if not arg.positional and long not in self.shortflags:
+                keep += [n for n in arg.names[1:] if len(n) == 1 and n not in wanted]
+            if long in self.shortflags:
+                keep.append(self.shortflags[long])
+            arg.names = (long, *keep)
+        return args
+
+
 def vtool_task(
-    *, help: dict[str, str] | None = None, optional_positional: tuple[str, ...] = (), **kwargs: Any
+    *,
+    help: dict[str, str] | None = None,
+    optional_positional: tuple[str, ...] = (),
+    shortflags: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
     """``@task`` that turns VtoolError into a one-line message and its exit code.
 
@@ -48,7 +72,8 @@ def vtool_task(
 
         params = inspect.signature(body).parameters
         common = {k: v for k, v in COMMON_HELP.items() if k in params}
-        t = task(help={**common, **(help or {})}, **kwargs)(wrapper)
+        t = task(help={**common, **(help or {})}, klass=VtoolTask, **kwargs)(wrapper)
+        t.shortflags = dict(shortflags or {})
         t.optional_positional = optional_positional
         t.positional = list(dict.fromkeys([*t.positional, *optional_positional]))
         return t
@@ -69,9 +94,14 @@ class VtoolParserContext(ParserContext):
         # (then an optional argument is simply not given).
         caller = sys._getframe(1)
         token = caller.f_locals.get("token")
-        if caller.f_code.co_name == "complete_context" or (
-            isinstance(token, str) and (token.startswith("--") or token == "-h")
-        ):
+        if isinstance(token, str) and (token.startswith("--") or token == "-h"):
+            return []  # an option, never a positional value (so `vtool scpget --help` helps)
+        if caller.f_code.co_name == "complete_context":
+            parser = caller.f_locals.get("self")
+            initial = getattr(parser, "initial", None)
+            asked_help = initial is not None and "--help" in initial.flags and initial.flags["--help"].value
+            if asked_help:
+                return []  # `vtool scpget --help` shows help instead of a missing-argument error
             missing = [x for x in missing if x.name not in self.optional]
         return missing
 

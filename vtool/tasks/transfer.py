@@ -16,6 +16,7 @@ def _warn_skipped(out: Output, index: int, report) -> None:  # type: ignore[no-u
 
 @vtool_task(
     optional_positional=("local",),
+    shortflags={"recursive": "r"},
     help={
         "remote": REMOTE_HELP,
         "local": "local file or folder (default: the remote name, in this folder)",
@@ -34,6 +35,7 @@ def scpget(c, remote, local=None, cluster=None, profile=None, node=0, recursive=
 
 @vtool_task(
     optional_positional=("local",),
+    shortflags={"recursive": "r"},
     help={
         "remote": REMOTE_HELP,
         "local": "local name: files are written as LOCAL.0, LOCAL.1 ... by node index",
