@@ -28,7 +28,7 @@ import pluggy
 from . import fanout, package, remote
 from . import plugin_manager as plugins
 from .config import VTOOL_DEFAULTS, Settings, load_settings
-from .errors import ConfigError, NodeError, NodeNotFound, PartialFailure, PluginError, UsageError, VtoolError
+from .errors import ConfigError, NodeError, NodeNotFound, NodeUnreachable, PartialFailure, PluginError, UsageError, VtoolError
 from .fetch import extract_stream
 from .models import (
     ClusterInfo,
@@ -205,9 +205,7 @@ def launch(
             try:
                 client.run("true", timeout=max(1.0, settings.timeout.connect), check=True)
                 return
-            except NodeError as e:
-                if "host key" in str(e):
-                    raise
+            except NodeUnreachable as e:  # not up yet; anything else fails at once
                 last = str(e)
             if time.monotonic() >= deadline:
                 raise NodeError(f"did not accept SSH within {settings.timeout.ready:g}s ({last})")

@@ -69,5 +69,9 @@ class NodeError(VtoolError):
     exit_code = 1
 
 
+class NodeUnreachable(NodeError):
+    """The SSH connection could not be made (refused, timed out ...): worth retrying."""
+
+
 class HostKeyMismatch(NodeError):
     """A node presented a host key other than the one pinned for it."""

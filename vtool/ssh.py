@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import HostKeyMismatch, NodeError
+from .errors import HostKeyMismatch, NodeError, NodeUnreachable
 from .models import CommandResult, SshTarget
 
 LineCallback = Callable[[str, str], None]  # (stream "out"|"err", line without newline)
@@ -167,8 +167,10 @@ class SshClient:
             if result.exit_code != 255:
                 break
             _raise_for_ssh_error(result.stderr, self.target)
-            if attempt >= self.retries or not any(f in result.stderr for f in _CONNECT_FAILURES):
+            if not any(f in result.stderr for f in _CONNECT_FAILURES):
                 raise NodeError(_ssh_error_line(result.stderr) or "SSH failed (exit 255)")
+            if attempt >= self.retries:
+                raise NodeUnreachable(_ssh_error_line(result.stderr) or "SSH failed (exit 255)")
             attempt += 1
             time.sleep(0.3 * attempt)
         if check and result.exit_code != 0:

@@ -160,7 +160,8 @@ def forget_host_keys(paths: ClusterPaths, aliases: list[str], add: list[str] | N
 def control_dir(home: Path) -> Path:
     """A private folder for SSH connection-sharing sockets, short enough for a socket path."""
     candidate = home / "cm"
-    if len(str(candidate)) > 60:  # sun_path is ~104 bytes and OpenSSH adds a 40-char hash
+    # sun_path holds 107 bytes; OpenSSH adds "/" + a 40-char hash + a 17-char temporary suffix.
+    if len(str(candidate)) > 48:
         digest = hashlib.sha256(str(home).encode()).hexdigest()[:10]
         candidate = Path(tempfile.gettempdir()) / f"vtool-{os.getuid()}-{digest}"
     ensure_private_dir(candidate)

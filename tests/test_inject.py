@@ -1,0 +1,105 @@
+"""inject: releases, the atomic switch, re-inject while running, archives, later launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+
+from conftest import Env, make_package, wait_for
+
+SLEEPER = """#!/bin/sh
+echo "$$" > "$HOME/pid-$(cat version.txt)"
+echo started $(cat version.txt)
+exec sleep 600
+"""
+
+
+def _pid_cwd(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/cwd")
+
+
+def test_inject_twice_while_first_release_runs(cluster3: Env) -> None:
+    pkg = make_package(cluster3.root, "job", SLEEPER, {"version.txt": "v1\n"})
+    cluster3.ok("inject", str(pkg))
+    pid_file = cluster3.node_home(0) / "pid-v1"
+    wait_for(pid_file.exists)
+    old_pid = int(pid_file.read_text())
+    old_release = (cluster3.node_home(0) / "job").resolve()
+
+    (pkg / "version.txt").write_text("v2\n")
+    cluster3.ok("inject", str(pkg))
+    wait_for((cluster3.node_home(0) / "pid-v2").exists)
+    new_release = (cluster3.node_home(0) / "job").resolve()
+    assert new_release != old_release
+    assert (cluster3.node_home(0) / "job").is_symlink()
+    # The first release's process still runs, in its own release folder, with its files.
+    assert os.path.exists(f"/proc/{old_pid}")
+    assert _pid_cwd(old_pid) == str(old_release)
+    assert (old_release / "version.txt").read_text() == "v1\n"
+    assert (new_release / "version.txt").read_text() == "v2\n"
+    status = json.loads(cluster3.ok("status", "--json").stdout)[0]
+    assert status["release"] == new_release.name
+    assert {n["launch"] for n in status["nodes"]} == {"running"}
+
+
+def test_gitignore_and_git_are_not_shipped(cluster3: Env) -> None:
+    pkg = make_package(
+        cluster3.root, "proj", "#!/bin/sh\nfind . -type f | sort > \"$HOME/files.txt\"\n",
+        {".gitignore": "*.o\nbuild/\n!keep.o\n", "main.c": "int main(){}\n", "x.o": "obj", "keep.o": "kept",
+         "build/out.bin": "big", ".git/config": "[core]", "sub/.gitignore": "secret.txt\n", "sub/secret.txt": "s",
+         "sub/ok.txt": "ok"},
+    )
+    cluster3.ok("inject", str(pkg), "--nodes", "1")
+    files = wait_for(lambda: (cluster3.node_home(1) / "files.txt").exists() and (cluster3.node_home(1) / "files.txt").read_text())
+    assert files.split() == ["./.gitignore", "./keep.o", "./main.c", "./sub/.gitignore", "./sub/ok.txt", "./vtool-launch"]
+    assert not (cluster3.node_home(0) / "proj").exists()  # --nodes 1 only
+
+
+def test_archives_made_by_hand_and_vcloud_launch(cluster3: Env) -> None:
+    pkg = make_package(cluster3.root, "oldstyle", "", {"data.txt": "payload\n"})
+    (pkg / "vtool-launch").unlink()
+    launcher = pkg / "vcloud-launch"
+    launcher.write_text("#!/bin/sh\ncp data.txt \"$HOME/got-$VTOOL_NODE_INDEX.txt\"\n")
+    launcher.chmod(0o755)
+    archive = cluster3.work / "oldstyle.tar.bz2"
+    subprocess.run(["tar", "cjf", str(archive), "-C", str(cluster3.root), "oldstyle"], check=True)
+    cluster3.ok("inject", str(archive))
+    for i in range(3):
+        wait_for((cluster3.node_home(i) / f"got-{i}.txt").exists)
+    tgz = cluster3.work / "again.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(str(pkg), arcname="oldstyle")
+    cluster3.ok("inject", str(tgz))
+
+
+def test_nodes_launched_later_receive_the_release(venv: Env) -> None:
+    pkg = make_package(venv.root, "grow", "#!/bin/sh\necho \"$VTOOL_NODE_INDEX/$VTOOL_NODE_COUNT\" > \"$HOME/seen.txt\"\n")
+    venv.ok("launch", "2")
+    venv.ok("inject", str(pkg))
+    wait_for(lambda: all((venv.node_home(i) / "seen.txt").exists() for i in range(2)))
+    first = (venv.node_home(0) / "seen.txt").stat().st_mtime_ns
+    r = venv.ok("launch", "1")
+    assert "sending release grow-" in r.stderr
+    assert wait_for(lambda: (venv.node_home(2) / "seen.txt").exists() and (venv.node_home(2) / "seen.txt").read_text()) == "2/3\n"
+    # The nodes already running the release were not restarted, but know the new size.
+    assert (venv.node_home(0) / "seen.txt").stat().st_mtime_ns == first
+    assert "VTOOL_NODE_COUNT=3\n" in (venv.node_home(0) / ".vtool" / "cluster.env").read_text()
+    assert (venv.node_home(0) / ".vtool" / "hosts").read_text().count("\n") == 3
+    venv.ok("launch", "1", "--no-inject")
+    assert not (venv.node_home(3) / "grow").exists()
+
+
+def test_screen_session_when_the_node_has_screen(cluster3: Env) -> None:
+    import shutil
+
+    if shutil.which("screen") is None:
+        import pytest
+
+        pytest.skip("screen is not installed (scripts/bootstrap.sh installs it)")
+    pkg = make_package(cluster3.root, "scr", "#!/bin/sh\necho in-screen\nexec sleep 600\n")
+    r = cluster3.ok("inject", str(pkg), "--nodes", "0")
+    assert "in screen" in r.stdout
+    out = wait_for(lambda: (lambda x: "vtool-scr" in x.stdout and x)(cluster3.ok("run", "screen -ls || true", "--nodes", "0")))
+    assert "Detached" in out.stdout
