@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from invoke import Exit, Task, task
 from invoke.parser import ParserContext
 
-from ..errors import VtoolError
+from ..errors import UsageError, VtoolError
 
 COMMON_HELP = {
     "cluster": "cluster name (default: the `cluster` setting, VTOOL_CLUSTER, or 'default')",
@@ -145,6 +145,17 @@ class Output:
     def done(self) -> None:
         with self._lock:
             self._end_live()
+
+
+def number(value: Any, flag: str, *, minimum: float = 0) -> float:
+    """A numeric flag's value, or a UsageError naming the flag."""
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} needs a number, not {value!r}") from None
+    if n < minimum:
+        raise UsageError(f"{flag} must be at least {minimum:g}, not {value!r}")
+    return n
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

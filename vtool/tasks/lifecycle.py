@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import api
 from ..errors import UsageError
-from ._common import Output, duration, table, vtool_task
+from ._common import Output, duration, number, table, vtool_task
 
 
 def settings_from(cluster: str | None, profile: str | None, **overrides: Any) -> Any:
@@ -38,7 +38,7 @@ def node_table(nodes: Any) -> str:
 def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout=None):
     """Add N nodes to the cluster (default 1) and wait until they accept SSH."""
     count = api.check_count(1 if n is None else n)
-    overrides = {"timeout": {"ready": int(ready_timeout)}} if ready_timeout is not None else {}
+    overrides = {"timeout": {"ready": int(number(ready_timeout, "--ready-timeout", minimum=1))}} if ready_timeout is not None else {}
     settings = settings_from(cluster, profile, **overrides)
     out = Output()
     result = api.launch(count, settings=settings, inject=False if no_inject else None, progress=out.progress)

@@ -7,7 +7,7 @@ import subprocess
 from invoke import Exit
 
 from .. import api
-from ._common import Output, table, vtool_task
+from ._common import Output, number, table, vtool_task
 from .lifecycle import settings_from
 
 NODES_HELP = "only these nodes, e.g. 0,2,5-7 (default: all)"
@@ -45,7 +45,7 @@ def logs(c, cluster=None, profile=None, nodes=None, follow=False, lines=None):
     settings = settings_from(cluster, profile)
     out = Output()
     result = api.logs(
-        settings=settings, nodes=nodes, follow=follow, lines=int(lines) if lines else None, on_line=out.node_line
+        settings=settings, nodes=nodes, follow=follow, lines=int(number(lines, "--lines", minimum=1)) if lines else None, on_line=out.node_line
     )
     for r in result.failed:
         out.line(f"[{r.index}] {r.error}", err=True)

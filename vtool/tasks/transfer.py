@@ -9,7 +9,7 @@ from .lifecycle import settings_from
 REMOTE_HELP = "path on the node, relative to its home folder"
 
 
-def _warn_skipped(out: Output, index: int, report) -> None:  # type: ignore[no-untyped-def]
+def _warn_skipped(out: Output, index: object, report) -> None:  # type: ignore[no-untyped-def]
     for s in report.skipped:
         out.line(f"node {index}: skipped {s}", err=True)
 
@@ -24,12 +24,12 @@ def _warn_skipped(out: Output, index: int, report) -> None:  # type: ignore[no-u
         "recursive": "fetch a folder",
     },
 )
-def scpget(c, remote, local=None, cluster=None, profile=None, node=0, recursive=False):
+def scpget(c, remote, local=None, cluster=None, profile=None, node="0", recursive=False):
     """Fetch a file (or folder with -r) from one node (node 0 by default)."""
     settings = settings_from(cluster, profile)
     out = Output()
     report = api.get(remote, local, settings=settings, node=node, recursive=recursive)
-    _warn_skipped(out, int(node), report)
+    _warn_skipped(out, node, report)
     out.line(f"{report.path} ({report.files} file(s), {report.bytes} bytes)")
 
 
