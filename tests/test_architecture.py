@@ -1,0 +1,103 @@
+"""The layering of STYLE.md, checked on the imports themselves, and a fast start-up."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+PKG = REPO / "vtool"
+# Lowest first; a module may import only from its own layer or below (errors/models at the bottom).
+LAYERS = [
+    {"errors", "models"},
+    {"hookspecs", "config"},
+    {"state", "ssh", "package", "fetch", "remote"},
+    {"providers", "plugins"},
+    {"plugin_manager", "fanout"},
+    {"api"},
+    {"tasks"},
+    {"main", "__main__", "__init__"},
+]
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[0]
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"vtool.{module} is not placed in a layer: add it to LAYERS")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    rel = path.relative_to(PKG).with_suffix("")
+    package = list(rel.parts[:-1])
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = ".".join([*base, node.module] if node.module else base)
+                if not mod and node.names:  # `from . import x`: a module, or a name of vtool/__init__
+                    found.update(
+                        n.name if (PKG / f"{n.name}.py").exists() or (PKG / n.name).is_dir() else "__init__"
+                        for n in node.names
+                    )
+                elif mod:
+                    found.add(mod)
+            elif node.module and node.module.startswith("vtool."):
+                found.add(node.module[len("vtool."):])
+        elif isinstance(node, ast.Import):
+            found.update(a.name[len("vtool."):] for a in node.names if a.name.startswith("vtool."))
+    return found
+
+
+def test_imports_only_go_down() -> None:
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).with_suffix("")
+        me = ".".join(rel.parts)
+        mine = _layer(me if rel.parts[0] not in ("__init__",) else "__init__")
+        for target in _imports(path):
+            if target.split(".")[0] == me.split(".")[0]:
+                continue
+            if _layer(target) > mine:
+                bad.append(f"vtool/{rel}.py imports vtool.{target}")
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_plugins_and_providers_do_not_import_each_other_or_api() -> None:
+    for folder in ("plugins", "providers"):
+        for path in (PKG / folder).glob("*.py"):
+            for target in _imports(path):
+                top = target.split(".")[0]
+                assert top not in ("api", "tasks", "plugin_manager"), f"{path} imports {target}"
+                if folder == "plugins":
+                    assert not target.startswith("plugins."), f"{path} imports another plugin: {target}"
+
+
+def test_only_tasks_print() -> None:
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        if rel.parts[0] in ("tasks", "main.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                raise AssertionError(f"vtool/{rel}:{node.lineno} prints; only tasks/* and main print")
+
+
+def test_help_and_list_load_nothing_heavy() -> None:
+    code = (
+        "import sys\n"
+        "from vtool.main import make_program\n"
+        "p = make_program()\n"
+        "try:\n    p.run(['vtool', '--list'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('boto3', 'botocore', 'paramiko', 'fabric', 'cryptography') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert r.stdout.strip().splitlines()[-1] == "HEAVY=", f"heavy modules loaded by --list: {r.stdout}"
+    assert "launch" in r.stdout
