@@ -173,7 +173,7 @@ def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level
     try:
         with (
             open(tmp, "wb") as raw,
-            gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz,
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz,
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
         ):
             top = tarfile.TarInfo(name)

@@ -1,0 +1,91 @@
+"""Ctrl-C during launch, following logs, and plugins that are broken."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import Env, make_package, wait_for
+
+from vtool.providers.local import _proc_alive
+
+
+def _sshd_pids_under(vhome: Path) -> set[int]:
+    found = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if cmd.startswith(b"/") and b"sshd" in cmd and str(vhome).encode() in cmd and _proc_alive(int(pid)):
+                found.add(int(pid))
+    return found
+
+
+def test_ctrl_c_during_launch_leaves_no_untracked_node(venv: Env) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vtool", "launch", "6"], cwd=venv.work, env=venv.env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    seen = ""
+    while "sshd started" not in seen:  # interrupt while nodes are being created
+        line = proc.stderr.readline()
+        assert line, f"launch ended early: {seen}"
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, seen + err)
+    assert "vtool: interrupted" in err and "Traceback" not in err
+    listed = json.loads(venv.ok("status", "--json").stdout)
+    tracked = {n["id"] for c in listed for n in c["nodes"]}
+    running = _sshd_pids_under(venv.vhome)
+    # Every sshd still running belongs to a node that status lists; nothing is orphaned.
+    metas = [json.loads(p.read_text()) for p in venv.vhome.glob("clusters/*/nodes/*/node.json")]
+    assert running == {m["pid"] for m in metas if m["id"] in tracked}
+    venv.ok("terminate", "--yes")
+    assert not _sshd_pids_under(venv.vhome)
+
+
+def test_logs_follow_until_interrupted(cluster3: Env) -> None:
+    pkg = make_package(cluster3.root, "ticker", "#!/bin/sh\ni=0\nwhile true; do echo tick-$i; i=$((i+1)); sleep 0.2; done\n")
+    cluster3.ok("inject", str(pkg))
+    proc = subprocess.Popen([sys.executable, "-m", "vtool", "logs", "-f", "--nodes", "0,2"], cwd=cluster3.work,
+                            env=cluster3.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    while not ({"[0] tick-3", "[2] tick-3"} <= set(lines)) and time.monotonic() < deadline:
+        lines.append(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert {"[0] tick-3", "[2] tick-3"} <= set(lines)
+    assert not any(ln.startswith("[1]") for ln in lines)
+    assert proc.returncode == 130
+
+
+def _fake_dist(root: Path, name: str, module_code: str) -> Path:
+    """An installed distribution with an entry point in group 'vtool' (as pip would leave it)."""
+    site = root / "site"
+    (site / f"{name}-0.1.dist-info").mkdir(parents=True)
+    (site / f"{name}-0.1.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (site / f"{name}-0.1.dist-info" / "entry_points.txt").write_text(f"[vtool]\n{name} = {name}\n")
+    (site / f"{name}.py").write_text(module_code)
+    return site
+
+
+def test_broken_plugins_are_named_with_exit_code_5(venv: Env) -> None:
+    site = _fake_dist(venv.root / "a", "brokenplug", "raise RuntimeError('boom at import')\n")
+    r = venv.cli("--list", extra_env={"PYTHONPATH": f"{site}:{venv.env['PYTHONPATH']}"})
+    assert r.returncode == 5 and "plugin 'brokenplug'" in r.stderr and "boom at import" in r.stderr
+    assert "Traceback" not in r.stderr
+    site = _fake_dist(venv.root / "b", "typoplug", "from vtool import hookimpl\n\n@hookimpl\ndef vtool_aftre_launch(node):\n    pass\n")
+    r = venv.cli("launch", "1", extra_env={"PYTHONPATH": f"{site}:{venv.env['PYTHONPATH']}"})
+    assert r.returncode == 5 and "typoplug" in r.stderr and "vtool_aftre_launch" in r.stderr
+    assert not (venv.vhome / "clusters").exists()

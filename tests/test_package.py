@@ -1,0 +1,73 @@
+"""Packages: file selection, a content hash that ignores mtimes, deterministic archives."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import make_package
+
+from vtool.errors import ConfigError
+from vtool.package import build_release, content_hash, make_package as mkpkg, select_files
+
+
+def test_hash_depends_on_content_and_modes_not_mtimes(tmp_path: Path) -> None:
+    pkg = make_package(tmp_path, "p", "#!/bin/sh\n", {"a.txt": "1", "d/b.txt": "2"})
+    h1 = content_hash(pkg, select_files(pkg))
+    os.utime(pkg / "a.txt", (1, 1))
+    assert content_hash(pkg, select_files(pkg)) == h1
+    (pkg / "a.txt").chmod(0o755)
+    h2 = content_hash(pkg, select_files(pkg))
+    assert h2 != h1
+    (pkg / "d" / "b.txt").write_text("3")
+    assert content_hash(pkg, select_files(pkg)) not in (h1, h2)
+
+
+def test_release_archive_is_reused_and_complete(tmp_path: Path) -> None:
+    pkg = make_package(tmp_path, "p", "#!/bin/sh\n", {"a.txt": "1", ".gitignore": "*.log\n", "x.log": "no"})
+    (pkg / "link").symlink_to("a.txt")
+    store = tmp_path / "store"
+    r1 = build_release(pkg, store)
+    r2 = build_release(pkg, store)
+    assert r1 == r2 and r1.launcher == "vtool-launch" and r1.compression == "gz"
+    with tarfile.open(r1.archive) as tar:
+        names = sorted(tar.getnames())
+        assert tar.getmember("p/vtool-launch").mode == 0o755 and tar.getmember("p/a.txt").uid == 0
+        assert tar.getmember("p/link").issym()
+    assert names == ["p", "p/.gitignore", "p/a.txt", "p/link", "p/vtool-launch"]
+
+
+def test_mkpkg_is_deterministic_and_refuses_to_pack_itself(tmp_path: Path) -> None:
+    pkg = make_package(tmp_path, "p", "#!/bin/sh\n", {"a.txt": "1"})
+    a = mkpkg(pkg, tmp_path / "one.tar.gz")
+    b = mkpkg(pkg, tmp_path / "two.tar.gz")
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(ConfigError, match="outside the folder"):
+        mkpkg(pkg, pkg / "p.tar.gz")
+    out_dir = tmp_path / "dist"
+    out_dir.mkdir()
+    assert mkpkg(pkg, out_dir) == out_dir / "p.tar.gz"
+
+
+def test_archive_checks(tmp_path: Path) -> None:
+    two = tmp_path / "two.tar.gz"
+    with tarfile.open(two, "w:gz") as tar:
+        for name in ("a", "b"):
+            info = tarfile.TarInfo(f"{name}/vtool-launch")
+            info.mode = 0o755
+            tar.addfile(info)
+    with pytest.raises(ConfigError, match="exactly one top folder"):
+        build_release(two, tmp_path / "s")
+    evil = tmp_path / "evil.tgz"
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.addfile(tarfile.TarInfo("p/../../x"))
+    with pytest.raises(ConfigError, match="unsafe path"):
+        build_release(evil, tmp_path / "s")
+    bad = tmp_path / "bad name!"
+    bad.mkdir()
+    (bad / "vtool-launch").write_text("#!/bin/sh\n")
+    (bad / "vtool-launch").chmod(0o755)
+    with pytest.raises(ConfigError, match="package name"):
+        build_release(bad, tmp_path / "s")
