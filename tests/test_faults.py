@@ -142,3 +142,29 @@ exec sleep 1000
     assert _proc_alive(other_pid)
     r = cluster3.ok("run", "echo still-here", "--cluster", "other")
     assert "[0] still-here" in r.stdout
+
+
+def test_node_whose_after_launch_hook_fails_is_not_kept(venv: Env) -> None:
+    import vtool
+    from vtool import api, hookimpl
+    from vtool import plugin_manager as plugins
+
+    class FailOnNodeOne:
+        @hookimpl
+        def vtool_after_launch(self, cluster, node, settings, remote):  # type: ignore[no-untyped-def]
+            assert remote("echo set-up > ~/hooked").exit_code == 0
+            if node.index == 1:
+                raise vtool.NodeError("could not mount the shared volume")
+
+    pm = plugins.get()
+    plugin = FailOnNodeOne()
+    pm.register(plugin, name="fail-node-1")
+    try:
+        result = api.launch(3, settings=vtool.settings())
+    finally:
+        pm.unregister(plugin)
+    assert [r.index for r in result.ready.failed] == [1]
+    assert "could not mount the shared volume" in (result.ready.failed[0].error or "")
+    assert [n.index for n in result.cluster.nodes] == [0, 2]
+    assert "VTOOL_NODE_COUNT=2\n" in (venv.node_home(2) / ".vtool" / "cluster.env").read_text()
+    assert (venv.node_home(0) / "hooked").exists()

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Env, make_package, wait_for
+from conftest import Env, make_package
 
 from vtool.providers.local import _proc_alive
 

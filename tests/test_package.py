@@ -10,7 +10,8 @@ import pytest
 from conftest import make_package
 
 from vtool.errors import ConfigError
-from vtool.package import build_release, content_hash, make_package as mkpkg, select_files
+from vtool.package import build_release, content_hash, select_files
+from vtool.package import make_package as mkpkg
 
 
 def test_hash_depends_on_content_and_modes_not_mtimes(tmp_path: Path) -> None:

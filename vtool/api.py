@@ -28,7 +28,16 @@ import pluggy
 from . import fanout, package, remote
 from . import plugin_manager as plugins
 from .config import VTOOL_DEFAULTS, Settings, load_settings
-from .errors import ConfigError, NodeError, NodeNotFound, NodeUnreachable, PartialFailure, PluginError, UsageError, VtoolError
+from .errors import (
+    ConfigError,
+    NodeError,
+    NodeNotFound,
+    NodeUnreachable,
+    PartialFailure,
+    PluginError,
+    UsageError,
+    VtoolError,
+)
 from .fetch import extract_stream
 from .models import (
     ClusterInfo,
@@ -231,10 +240,15 @@ def launch(
 
     hooked = s.fan_out(new, after)
     bad = {r.index for r in hooked.failed}
-    ready = GroupResult(
-        tuple((next(h for h in hooked.results if h.index == r.index) if r.index in bad else r) for r in ready.results)
-    )
-    new = [x for x in new if x.index not in bad]
+    if bad:
+        # Same policy as for nodes that never answered: a node a plugin could not set up is
+        # not left half-configured in the cluster.
+        progress(f"terminating {len(bad)} node(s) whose set-up failed: {', '.join(map(str, sorted(bad)))}")
+        s.provider.terminate(s.cluster, [x for x in new if x.index in bad], progress)
+        failures = {h.index: h for h in hooked.failed}
+        ready = GroupResult(tuple(failures.get(r.index, r) for r in ready.results))
+        new = [x for x in new if x.index not in bad]
+        info = s.info()
 
     release = s.cache.release()
     do_inject = settings.inject_auto if inject is None else inject

@@ -143,7 +143,7 @@ class _CheckedEnvironment(Environment):
                 raise ConfigError(f"environment variable {name} must be true or false, not {value!r}")
         elif isinstance(old, (int, float)) and not isinstance(old, bool):
             try:
-                new = type(old)(value)
+                new = int(value) if isinstance(old, int) else float(value)
             except ValueError:
                 raise ConfigError(f"environment variable {name} must be {_type_name(old)}, not {value!r}") from None
         elif isinstance(old, Mapping):

@@ -86,9 +86,12 @@ def vtool_before_inject(cluster: Any, nodes: Any, release: Any, settings: Any) -
 
 @hookspec
 def vtool_node_env(cluster: Any, node: Any, settings: Any) -> dict[str, str]:  # type: ignore[empty-body]
-    """Extra environment variables for the launch script on ``node`` (written to
-    ``~/.vtool/cluster.env`` with the VTOOL_* variables). All answers are merged; names
-    must be valid shell identifiers.
+    """Extra environment variables for ``node``: written to ``~/.vtool/cluster.env`` with
+    the VTOOL_* variables, so the launch script and ``vtool run`` commands see them.
+
+    Called for every node each time vtool writes that file (inject, launch). All answers
+    are merged; names must be valid shell identifiers. A plugin enabled on a running
+    cluster takes effect at the next inject or launch.
     """
 
 

@@ -38,4 +38,8 @@ def make_program() -> VtoolProgram:
 
 
 def main() -> None:
-    make_program().run()
+    try:
+        make_program().run()
+    except BrokenPipeError:  # `vtool --list | head -1`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

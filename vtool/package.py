@@ -219,7 +219,7 @@ def inspect_archive(path: Path) -> tuple[str, str]:
     tops: set[str] = set()
     members: dict[str, tarfile.TarInfo] = {}
     try:
-        with tarfile.open(path, f"r:{comp}") as tar:
+        with tarfile.open(path, "r:gz" if comp == "gz" else "r:bz2") as tar:
             for m in tar:
                 p = _check_member_name(m.name, str(path))
                 tops.add(p.parts[0])
@@ -234,9 +234,9 @@ def inspect_archive(path: Path) -> tuple[str, str]:
         )
     name = check_name(tops.pop(), str(path))
     for launcher in LAUNCHERS:
-        m = members.get(f"{name}/{launcher}")
-        if m is not None and m.isfile():
-            if not m.mode & 0o100:
+        entry = members.get(f"{name}/{launcher}")
+        if entry is not None and entry.isfile():
+            if not entry.mode & 0o100:
                 raise ConfigError(f"{path}: {name}/{launcher} is not executable (chmod +x it before packing)")
             return name, launcher
     raise ConfigError(f"{path}: no executable {name}/vtool-launch (or vcloud-launch) in the archive")

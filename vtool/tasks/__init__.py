@@ -4,6 +4,9 @@ plugins' tasks); a project's own tasks.py takes it in and adds tasks of its own:
     from vtool.tasks import collection
     ns = collection()
     ns.add_task(my_task)
+
+``vtool_task`` is ``@task`` plus vtool's error handling (a ``VtoolError`` becomes one line
+on stderr and its exit code, under ``inv`` as under ``vtool``): use it for your own tasks.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from typing import Any
 
 from invoke import Collection
 
-from ._common import VtoolParserContext
+from ._common import VtoolParserContext, vtool_task
+
+__all__ = ["collection", "vtool_task", "VtoolCollection"]
 
 
 class VtoolCollection(Collection):
