@@ -168,3 +168,28 @@ def test_node_whose_after_launch_hook_fails_is_not_kept(venv: Env) -> None:
     assert [n.index for n in result.cluster.nodes] == [0, 2]
     assert "VTOOL_NODE_COUNT=2\n" in (venv.node_home(2) / ".vtool" / "cluster.env").read_text()
     assert (venv.node_home(0) / "hooked").exists()
+
+
+def test_only_failed_reruns_just_the_failed_nodes(cluster3: Env) -> None:
+    r = cluster3.cli("run", "test $VTOOL_NODE_INDEX != 1 || test -f ok", "--nodes", "0-2")
+    assert r.returncode == 1 and "failed on 1 of 3 node(s): 1" in r.stderr
+    (cluster3.work / "ok").write_text("")
+    cluster3.ok("put", "ok", "ok", "--nodes", "1")
+    r = cluster3.ok("run", "echo again-$VTOOL_NODE_INDEX; test $VTOOL_NODE_INDEX != 1 || test -f ok", "--only-failed")
+    assert [ln for ln in r.stdout.splitlines() if ln.startswith("[")] == ["[1] again-1"]
+    r = cluster3.cli("run", "true", "--only-failed")
+    assert r.returncode == 2 and "no failed nodes to re-run" in r.stderr
+
+    # inject: node 2 dead, then back; --only-failed completes the cluster.
+    pkg = make_package(cluster3.root, "redo", "#!/bin/sh\ntouch \"$HOME/redo-ran\"\n")
+    pids = _kill_node(cluster3, 2, signal.SIGSTOP)
+    try:
+        r = cluster3.cli("inject", str(pkg), extra_env={"VTOOL_TIMEOUT_TRANSFER": "3", "VTOOL_TIMEOUT_CONNECT": "2"})
+        assert r.returncode == 1 and "node 2: FAILED" in r.stderr
+    finally:
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
+    wait_for(lambda: (cluster3.node_home(0) / "redo-ran").exists())
+    r = cluster3.ok("inject", str(pkg), "--only-failed")
+    assert "node 2: started" in r.stdout and "node 0" not in r.stdout
+    wait_for(lambda: (cluster3.node_home(2) / "redo-ran").exists())

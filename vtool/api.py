@@ -114,9 +114,27 @@ class Session:
             raise NodeNotFound(f"no cluster named {self.cluster!r} (clusters: {names}); start one with `vtool launch`")
         return info
 
-    def select(self, info: ClusterInfo, spec: str | int | None) -> list[Node]:
+    def select(self, info: ClusterInfo, spec: str | int | None, only_failed: str | None = None) -> list[Node]:
+        """The nodes named by ``spec`` (default all); with ``only_failed=VERB``, only those
+        of them that failed the last time VERB ran on this cluster."""
         wanted = parse_node_spec(None if spec is None else str(spec), [n.index for n in info.nodes])
+        if only_failed is not None:
+            failed = set(self.cache.load().get("last_failed", {}).get(only_failed, []))
+            wanted = [i for i in wanted if i in failed]
+            if not wanted:
+                raise UsageError(
+                    f"no failed nodes to re-run: the last `{only_failed}` on cluster {self.cluster!r} succeeded everywhere"
+                )
         return [info.node(i) for i in wanted]
+
+    def record(self, verb: str, result: GroupResult) -> GroupResult:
+        """Remember which nodes failed ``verb`` (for --only-failed)."""
+        data = self.cache.load().get("last_failed", {})
+        data = data if isinstance(data, dict) else {}
+        data[verb] = [r.index for r in result.failed]
+        if self.paths.exists():
+            self.cache.update(last_failed=data)
+        return result
 
     def client(self, node: Node) -> SshClient:
         with self._lock:
@@ -271,7 +289,12 @@ def prepare_release(path: str | Path, *, settings: Settings) -> Release:
 
 
 def inject(
-    path: str | Path, *, settings: Settings, nodes: str | None = None, progress: Progress = _quiet
+    path: str | Path,
+    *,
+    settings: Settings,
+    nodes: str | None = None,
+    progress: Progress = _quiet,
+    only_failed: bool = False,
 ) -> GroupResult:
     """Send a package to the nodes, unpack it into its release folder, switch ``~/NAME`` to
     it and start its launch script. Refuses bad input before any node is contacted."""
@@ -284,13 +307,13 @@ def inject(
         package.inspect_archive(src)
     s = Session(settings)
     info = s.existing()
-    targets = s.select(info, nodes)
+    targets = s.select(info, nodes, "inject" if only_failed else None)
     release = prepare_release(src, settings=settings)
     s.pm.hook.vtool_before_inject(cluster=info, nodes=tuple(targets), release=release, settings=settings)
     s.cache.set_release(release)
     progress(f"injecting {release.dirname} into {len(targets)} node(s)")
     live = [x for x in info.nodes if x.state == "running"]
-    return _inject_release(s, info, release, targets=targets, everyone=live, progress=progress)
+    return s.record("inject", _inject_release(s, info, release, targets=targets, everyone=live, progress=progress))
 
 
 def _node_env(s: Session, info: ClusterInfo, node: Node) -> dict[str, str]:
@@ -369,13 +392,22 @@ def mkpkg(folder: str | Path, output: str | Path | None = None) -> Path:
 # -- run, logs --------------------------------------------------------------------------
 
 
-def run(command: str, *, settings: Settings, nodes: str | None = None, on_line: LineSink | None = None) -> GroupResult:
-    """Run a shell command on the nodes in parallel; a result (exit code) per node."""
+def run(
+    command: str,
+    *,
+    settings: Settings,
+    nodes: str | None = None,
+    on_line: LineSink | None = None,
+    only_failed: bool = False,
+) -> GroupResult:
+    """Run a shell command on the nodes in parallel; a result (exit code) per node.
+
+    Connection failures are retried; the command's own non-zero exit never is."""
     if not command or not command.strip():
         raise UsageError("run needs a command, e.g. vtool run 'hostname'")
     s = Session(settings)
     info = s.existing()
-    targets = s.select(info, nodes)
+    targets = s.select(info, nodes, "run" if only_failed else None)
 
     def op(node: Node) -> CommandResult:
         sink = (lambda stream, line: on_line(node.index, stream, line)) if on_line else None
@@ -383,7 +415,7 @@ def run(command: str, *, settings: Settings, nodes: str | None = None, on_line: 
             remote.with_cluster_env(command), timeout=settings.timeout.command or None, on_line=sink
         )
 
-    return s.fan_out(targets, op)
+    return s.record("run", s.fan_out(targets, op))
 
 
 def logs(
@@ -486,17 +518,21 @@ def get_all(
     nodes: str | None = None,
     recursive: bool = False,
     on_done: Callable[[NodeResult], None] | None = None,
+    only_failed: bool = False,
 ) -> GroupResult:
     """Fetch from every node in parallel into ``LOCAL.0``, ``LOCAL.1`` ... by stable index."""
     _check_remote(remote_path)
     s = Session(settings)
     info = s.existing()
-    targets = s.select(info, nodes)
+    targets = s.select(info, nodes, "scpgetall" if only_failed else None)
     _local_target(remote_path, local, "0")  # validate before any node is contacted
-    return s.fan_out(
-        targets,
-        lambda n: _fetch(s, n, remote_path, _local_target(remote_path, local, str(n.index)), recursive),
-        on_done,
+    return s.record(
+        "scpgetall",
+        s.fan_out(
+            targets,
+            lambda n: _fetch(s, n, remote_path, _local_target(remote_path, local, str(n.index)), recursive),
+            on_done,
+        ),
     )
 
 

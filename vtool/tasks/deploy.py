@@ -11,13 +11,14 @@ from .lifecycle import settings_from
     help={
         "path": "package folder (holding an executable vtool-launch) or a .tar.gz/.tgz/.tar.bz2 of one",
         "nodes": "only these nodes, e.g. 0,2,5-7 (default: all)",
+        "only_failed": "only the nodes that failed the last time this command ran on the cluster",
     }
 )
-def inject(c, path, cluster=None, profile=None, nodes=None):
+def inject(c, path, cluster=None, profile=None, nodes=None, only_failed=False):
     """Send a package to every node and start its vtool-launch there."""
     settings = settings_from(cluster, profile)
     out = Output()
-    result = api.inject(path, settings=settings, nodes=nodes, progress=out.progress)
+    result = api.inject(path, settings=settings, nodes=nodes, progress=out.progress, only_failed=only_failed)
     out.done()
     for r in result.results:
         if r.ok:

@@ -38,7 +38,11 @@ def node_table(nodes: Any) -> str:
 def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout=None):
     """Add N nodes to the cluster (default 1) and wait until they accept SSH."""
     count = api.check_count(1 if n is None else n)
-    overrides = {"timeout": {"ready": int(number(ready_timeout, "--ready-timeout", minimum=1))}} if ready_timeout is not None else {}
+    overrides = (
+        {"timeout": {"ready": int(number(ready_timeout, "--ready-timeout", minimum=1))}}
+        if ready_timeout is not None
+        else {}
+    )
     settings = settings_from(cluster, profile, **overrides)
     out = Output()
     result = api.launch(count, settings=settings, inject=False if no_inject else None, progress=out.progress)

@@ -23,12 +23,18 @@ def summary(result, out: Output) -> None:  # type: ignore[no-untyped-def]
     out.line(f"{len(result.succeeded)} ok, {len(result.failed)} failed", err=True)
 
 
-@vtool_task(help={"command": "shell command to run on each node (quote it)", "nodes": NODES_HELP})
-def run(c, command, cluster=None, profile=None, nodes=None):
+@vtool_task(
+    help={
+        "command": "shell command to run on each node (quote it)",
+        "nodes": NODES_HELP,
+        "only_failed": "only the nodes that failed the last time this command ran on the cluster",
+    }
+)
+def run(c, command, cluster=None, profile=None, nodes=None, only_failed=False):
     """Run a shell command on all nodes in parallel; output prefixed by node index."""
     settings = settings_from(cluster, profile)
     out = Output()
-    result = api.run(command, settings=settings, nodes=nodes, on_line=out.node_line)
+    result = api.run(command, settings=settings, nodes=nodes, on_line=out.node_line, only_failed=only_failed)
     summary(result, out)
     api.raise_for_failures(result, "the command")
 
@@ -45,7 +51,11 @@ def logs(c, cluster=None, profile=None, nodes=None, follow=False, lines=None):
     settings = settings_from(cluster, profile)
     out = Output()
     result = api.logs(
-        settings=settings, nodes=nodes, follow=follow, lines=int(number(lines, "--lines", minimum=1)) if lines else None, on_line=out.node_line
+        settings=settings,
+        nodes=nodes,
+        follow=follow,
+        lines=int(number(lines, "--lines", minimum=1)) if lines else None,
+        on_line=out.node_line,
     )
     for r in result.failed:
         out.line(f"[{r.index}] {r.error}", err=True)

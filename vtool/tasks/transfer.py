@@ -41,13 +41,14 @@ def scpget(c, remote, local=None, cluster=None, profile=None, node="0", recursiv
         "local": "local name: files are written as LOCAL.0, LOCAL.1 ... by node index",
         "nodes": "only these nodes, e.g. 0,2,5-7 (default: all)",
         "recursive": "fetch folders",
+        "only_failed": "only the nodes that failed the last time this command ran on the cluster",
     },
 )
-def scpgetall(c, remote, local=None, cluster=None, profile=None, nodes=None, recursive=False):
+def scpgetall(c, remote, local=None, cluster=None, profile=None, nodes=None, recursive=False, only_failed=False):
     """Fetch a file (or folder with -r) from every node as LOCAL.0, LOCAL.1 ..."""
     settings = settings_from(cluster, profile)
     out = Output()
-    result = api.get_all(remote, local, settings=settings, nodes=nodes, recursive=recursive)
+    result = api.get_all(remote, local, settings=settings, nodes=nodes, recursive=recursive, only_failed=only_failed)
     for r in result.results:
         if r.ok:
             _warn_skipped(out, r.index, r.value)
