@@ -1,0 +1,105 @@
+"""The local provider's promises: 127.0.0.1 only, private keys, PID checks, the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from conftest import Env
+
+
+def test_missing_sshd_is_one_line_saying_how_to_install(venv: Env) -> None:
+    r = venv.cli("launch", "2", extra_env={"VTOOL_LOCAL_SSHD": "/nonexistent/sshd"})
+    assert r.returncode == 3
+    assert r.stderr.strip().splitlines() == [
+        "vtool: sshd not found: the local provider runs each node as an OpenSSH server; install it "
+        "(Debian/Ubuntu: sudo apt-get install openssh-server) or set local.sshd in vtool.yaml"
+    ]
+    assert not (venv.vhome / "clusters").exists()
+
+
+def test_nodes_listen_on_loopback_only(cluster3: Env) -> None:
+    ports = {int(cluster3.node_meta(i)["port"]) for i in range(3)}
+    listening = {}
+    for line in open("/proc/net/tcp").read().splitlines()[1:] + open("/proc/net/tcp6").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, port = local.rsplit(":", 1)
+        if state == "0A" and int(port, 16) in ports:
+            listening.setdefault(int(port, 16), set()).add(addr)
+    assert set(listening) == ports
+    assert all(addrs == {"0100007F"} for addrs in listening.values()), listening
+
+
+def test_keys_are_private_even_under_umask_000(venv: Env) -> None:
+    r = venv.run_cmd(["sh", "-c", f"umask 000 && exec {sys.executable} -m vtool launch 1"])
+    assert r.returncode == 0, r.stderr
+    c = venv.vhome / "clusters" / "default"
+    for path, mode in ((venv.vhome, 0o700), (c, 0o700), (c / "id_ed25519", 0o600), (c / "known_hosts", 0o600),
+                       (c / "nodes" / "0" / "ssh_host_ed25519_key", 0o600)):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+    os.chmod(c / "id_ed25519", 0o644)
+    r = venv.cli("launch", "1")
+    assert r.returncode == 2 and "is readable by other users" in r.stderr and "chmod 600" in r.stderr
+
+
+def test_terminate_never_signals_a_reused_pid(venv: Env) -> None:
+    venv.ok("launch", "1")
+    meta_file = venv.vhome / "clusters" / "default" / "nodes" / "0" / "node.json"
+    meta = json.loads(meta_file.read_text())
+    real = int(meta["pid"])
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        meta["pid"] = bystander.pid  # as if the sshd died and its PID went to another program
+        meta_file.write_text(json.dumps(meta))
+        status = json.loads(venv.ok("status", "--json").stdout)
+        assert status[0]["nodes"][0]["state"] == "dead"
+        venv.ok("terminate", "--yes")
+        assert bystander.poll() is None, "terminate signalled a process that is not the node's sshd"
+    finally:
+        bystander.kill()
+        bystander.wait()
+        os.kill(real, 9)
+
+
+def test_python_api_and_fabric_connection(venv: Env) -> None:
+    from vtool import Cluster
+
+    c = Cluster("api-demo")
+    launched = c.launch(2)
+    assert [n.index for n in launched.new] == [0, 1] and launched.ready.ok
+    result = c.run("echo $VTOOL_NODE_NAME")
+    assert [r.value.stdout.strip() for r in result] == ["api-demo-0", "api-demo-1"]
+    conn = c.connection(1)
+    try:
+        out = conn.run("echo $HOME", hide=True, in_stream=False)
+        assert out.stdout.strip() == str(venv.node_home(1, "api-demo"))
+    finally:
+        conn.close()
+    (venv.work / "in.txt").write_text("data\n")
+    assert c.put("in.txt", "in.txt").ok
+    fetched = c.get_all("in.txt", "copies/in")
+    assert fetched.ok and (venv.work / "copies" / "in.1").read_text() == "data\n"
+    st = c.status()
+    assert st is not None and [ns.node.index for ns in st.nodes] == [0, 1]
+    assert c.terminate().ok
+    assert c.nodes() == ()
+
+
+def test_fabric_connection_refuses_an_unpinned_host_key(venv: Env) -> None:
+    import paramiko
+    import pytest
+
+    from vtool import Cluster
+
+    c = Cluster()
+    c.launch(1)
+    kh = venv.vhome / "clusters" / "default" / "known_hosts"
+    kh.write_text("")  # the node's key is no longer pinned
+    conn = c.connection(0)
+    with pytest.raises(paramiko.SSHException, match="not found in known_hosts"):
+        conn.run("true", hide=True, in_stream=False)
+    conn.close()
+    assert kh.read_text() == ""
