@@ -107,7 +107,10 @@ def venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     try:
         yield e
     finally:
+        from vtool.state import control_dir_path
+
         survivors = stop_all_nodes(e.vhome)
+        shutil.rmtree(control_dir_path(e.vhome), ignore_errors=True)
         assert not survivors, f"processes {survivors} survived the test's tear-down"
 
 

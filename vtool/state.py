@@ -157,15 +157,19 @@ def forget_host_keys(paths: ClusterPaths, aliases: list[str], add: list[str] | N
         write_private(paths.known_hosts, "".join(f"{ln}\n" for ln in kept))
 
 
-def control_dir(home: Path) -> Path:
-    """A private folder for SSH connection-sharing sockets, short enough for a socket path."""
+def control_dir_path(home: Path) -> Path:
+    """Where the SSH connection-sharing sockets for ``home`` live (not created)."""
     candidate = home / "cm"
     # sun_path holds 107 bytes; OpenSSH adds "/" + a 40-char hash + a 17-char temporary suffix.
     if len(str(candidate)) > 48:
         digest = hashlib.sha256(str(home).encode()).hexdigest()[:10]
         candidate = Path(tempfile.gettempdir()) / f"vtool-{os.getuid()}-{digest}"
-    ensure_private_dir(candidate)
     return candidate
+
+
+def control_dir(home: Path) -> Path:
+    """A private folder for SSH connection-sharing sockets, short enough for a socket path."""
+    return ensure_private_dir(control_dir_path(home))
 
 
 class ClusterCache:
