@@ -8,23 +8,39 @@ import pwd
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import REPO, stop_all_nodes
+from conftest import stop_all_nodes
 
 USER = "vtool-test-user"
 
 
-def _python_for(user: str, env: dict[str, str]) -> list[str] | None:
-    site = sysconfig.get_paths()["purelib"]
-    for py, path in ((sys.executable, str(REPO)), ("/usr/bin/python3", f"{REPO}{os.pathsep}{site}")):
-        e = dict(env, PYTHONPATH=path)
-        r = subprocess.run(["runuser", "-u", user, "--", py, "-c", "import vtool.main, invoke, pluggy, yaml"],
-                           env=e, capture_output=True, text=True, check=False)
+def _readable_copy(dest: Path) -> Path:
+    """vtool and its pure-Python dependencies copied where any user can read them (the
+    repository or its venv may sit in a folder private to root)."""
+    import importlib.util
+
+    lib = dest / "pylib"
+    for name in ("vtool", "invoke", "pluggy", "yaml"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations
+        shutil.copytree(list(spec.submodule_search_locations)[0], lib / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for dirpath, dirnames, filenames in os.walk(dest):
+        for n in dirnames:
+            os.chmod(os.path.join(dirpath, n), 0o755)
+        for n in filenames:
+            os.chmod(os.path.join(dirpath, n), 0o644)
+    return lib
+
+
+def _python_for(user: str, env: dict[str, str], lib: Path) -> str | None:
+    for py in (sys.executable, "/usr/bin/python3"):
+        r = subprocess.run(["runuser", "-u", user, "--", py, "-c", "import vtool.main"],
+                           env=dict(env, PYTHONPATH=str(lib)), capture_output=True, text=True, check=False)
         if r.returncode == 0:
-            return [py, path]
+            return py
     return None
 
 
@@ -47,11 +63,11 @@ def test_ordinary_user_launch_run_fetch_terminate() -> None:
         os.chown(p, pw.pw_uid, pw.pw_gid)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": pw.pw_dir, "VTOOL_HOME": str(base / "vh"),
            "LANG": "C.UTF-8"}
-    found = _python_for(USER, env)
-    if found is None:
-        pytest.skip(f"no Python that {USER} can run with vtool's dependencies (the repository is not readable to it)")
-    py, pypath = found
-    env["PYTHONPATH"] = pypath
+    lib = _readable_copy(base / "code")
+    py = _python_for(USER, env, lib)
+    if py is None:
+        pytest.skip(f"no Python interpreter that {USER} may run")
+    env["PYTHONPATH"] = str(lib)
 
     def vtool(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["runuser", "-u", USER, "--", py, "-m", "vtool", *args], env=env, cwd=base / "work",

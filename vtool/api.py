@@ -15,7 +15,6 @@ import io
 import re
 import shutil
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -431,6 +430,8 @@ def logs(
     info = s.existing()
     targets = s.select(info, nodes)
     cmd = remote.logs(follow, lines)
+    if follow:  # every node's stream stays open: one worker each
+        s.settings = settings.replace(concurrency=max(settings.concurrency, len(targets)))
 
     def op(node: Node) -> CommandResult:
         sink = (lambda stream, line: on_line(node.index, stream, line)) if on_line else None
@@ -439,9 +440,6 @@ def logs(
             raise NodeError(r.stderr.strip() or "no log")
         return r
 
-    if follow:
-        settings = settings.replace(concurrency=max(settings.concurrency, len(targets)))
-        s.settings = settings
     return s.fan_out(targets, op)
 
 
@@ -552,21 +550,16 @@ def put(local: str, remote_path: str, *, settings: Settings, nodes: str | None =
     s = Session(settings)
     info = s.existing()
     targets = s.select(info, nodes)
-    with tempfile.TemporaryFile() as payload:
-        payload.write(_pack_upload(src))
-        lock = threading.Lock()
-        cmd = remote.put(remote_path, src.resolve().name, src.is_dir())
+    payload = _pack_upload(src)
+    cmd = remote.put(remote_path, src.resolve().name, src.is_dir())
 
-        def op(node: Node) -> str:
-            with lock:
-                payload.seek(0)
-                data = payload.read()
-            r = s.client(node).run(cmd, input=data, timeout=settings.timeout.transfer or None)
-            if r.exit_code != 0:
-                raise NodeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.exit_code}")
-            return r.stdout.strip()
+    def op(node: Node) -> str:
+        r = s.client(node).run(cmd, input=payload, timeout=settings.timeout.transfer or None)
+        if r.exit_code != 0:
+            raise NodeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.exit_code}")
+        return r.stdout.strip()
 
-        return s.fan_out(targets, op)
+    return s.fan_out(targets, op)
 
 
 # -- status, connect --------------------------------------------------------------------

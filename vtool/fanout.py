@@ -11,13 +11,11 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, TypeVar
+from typing import Any
 
 from .errors import VtoolError
 from .models import GroupResult, Node, NodeResult
 from .ssh import kill_running
-
-T = TypeVar("T")
 
 
 def fan_out(
