@@ -88,6 +88,8 @@ def stop_all_nodes(vhome: Path) -> list[int]:
         pid = int(meta.get("pid", 0))
         sshd = pid if _is_node_sshd(pid, d / "sshd_config") else None
         survivors += _kill_all(node_processes(sshd, str(meta.get("token", ""))))
+        if meta.get("screendir") and not str(meta["screendir"]).startswith(str(vhome)):
+            shutil.rmtree(meta["screendir"], ignore_errors=True)
     return survivors
 
 

@@ -103,3 +103,52 @@ def test_screen_session_when_the_node_has_screen(cluster3: Env) -> None:
     assert "in screen" in r.stdout
     out = wait_for(lambda: (lambda x: "vtool-scr" in x.stdout and x)(cluster3.ok("run", "screen -ls || true", "--nodes", "0")))
     assert "Detached" in out.stdout
+
+
+def test_connect_then_screen_r_shows_the_launch_script(cluster3: Env) -> None:
+    """As in vcloud: `connect 1`, then `screen -r` attaches to that node's launch script."""
+    import pty
+    import select
+    import shutil
+    import sys
+    import time
+
+    if shutil.which("screen") is None:
+        import pytest
+
+        pytest.skip("screen is not installed (scripts/bootstrap.sh installs it)")
+    pkg = make_package(cluster3.root, "live", "#!/bin/sh\necho marker-from-node-$VTOOL_NODE_INDEX\nexec sleep 600\n")
+    cluster3.ok("inject", str(pkg))
+    r = cluster3.ok("run", "screen -ls | grep -c vtool-live || true", "--nodes", "1")
+    assert "[1] 1" in r.stdout  # exactly one session: nodes do not share screen's sockets
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "vtool", "connect", "1"], stdin=slave, stdout=slave, stderr=slave,
+                            env=dict(cluster3.env, TERM="xterm"), cwd=cluster3.work, start_new_session=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 30) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+
+    try:
+        read_until(b"[vtool default-1]")  # the node's prompt
+        os.write(master, b"screen -r\n")
+        read_until(b"marker-from-node-1")
+        assert b"marker-from-node-1" in seen
+        os.write(master, b"\x01d")  # detach: the script keeps running
+        read_until(b"detached")
+        os.write(master, b"exit\n")
+        proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    r = cluster3.ok("status", "--json")
+    assert {n["launch"] for n in json.loads(r.stdout)[0]["nodes"]} == {"running"}

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,6 +164,15 @@ def _kill_all(pids: list[int], grace: float = 3.0) -> list[int]:
     return [p for p in pids if _proc_alive(p)]
 
 
+def _screen_dir(home: Path, token: str) -> Path:
+    """The node's own folder for screen's sockets: in its home when the socket path fits
+    (screen needs it under ~100 bytes), else a private folder named after the node's token."""
+    inside = home / ".screen"
+    if len(str(inside)) <= 70:
+        return inside
+    return Path(tempfile.gettempdir()) / f"vtool-screen-{os.getuid()}-{token[:16]}"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -274,13 +284,14 @@ class LocalProvider:
         write_private(d / "authorized_keys", paths.pubkey.read_text(), 0o600)
         write_private(d / "shell", _SHELL, 0o755)
         token = secrets.token_hex(12)
+        screendir = ensure_private_dir(_screen_dir(home, token))  # `screen -r` sees only this node's sessions
         node_id = f"local-{cluster}-{index}-{token[:8]}"
         alias = f"vtool-{cluster}-{index}"
         pin_host_key(paths, alias, (d / "ssh_host_ed25519_key.pub").read_text().split(" vtool-")[0])
         last_error = ""
         for _attempt in range(8):
             port = _free_port()
-            self._write_config(d, port, home, token)
+            self._write_config(d, port, home, token, screendir)
             log = d / "sshd.log"
             pidfile = d / "sshd.pid"
             pidfile.unlink(missing_ok=True)
@@ -306,6 +317,7 @@ class LocalProvider:
                         "token": token,
                         "launched_at": time.time(),
                         "cluster": cluster,
+                        "screendir": str(screendir),
                     },
                 )
                 return Node(
@@ -329,7 +341,7 @@ class LocalProvider:
             f"node {index}: sshd did not start: {last_error.splitlines()[-1] if last_error else 'no output'}"
         )
 
-    def _write_config(self, d: Path, port: int, home: Path, token: str) -> None:
+    def _write_config(self, d: Path, port: int, home: Path, token: str, screendir: Path) -> None:
         lines = [
             f"# vtool local node {d.name}: written by vtool, read by sshd -D",
             f"ListenAddress 127.0.0.1:{port}",
@@ -353,7 +365,7 @@ class LocalProvider:
             # Fan-out opens many connections and sessions at once (see shared notes).
             "MaxStartups 1000",
             "MaxSessions 1000",
-            f"SetEnv {_q(f'HOME={home}')} VTOOL_NODE={token}",
+            f"SetEnv {_q(f'HOME={home}')} {_q(f'SCREENDIR={screendir}')} VTOOL_NODE={token}",
             f"ForceCommand {_q(d / 'shell')}",
         ]
         sftp = next((p for p in _SFTP_SERVERS if os.access(p, os.X_OK)), None)
@@ -406,6 +418,8 @@ class LocalProvider:
                 results.append(NodeResult(node.index, False, error=f"processes {survivors} did not stop"))
                 continue
             shutil.rmtree(d, ignore_errors=True)
+            if meta.get("screendir") and not str(meta["screendir"]).startswith(str(d)):
+                shutil.rmtree(meta["screendir"], ignore_errors=True)
             forget_host_keys(paths, [node.host_key_alias])
             progress(f"node {node.index}: stopped ({len(victims)} processes)")
             results.append(NodeResult(node.index, True, value=len(victims)))
