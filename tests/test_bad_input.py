@@ -123,3 +123,24 @@ def test_unknown_nodes_and_clusters(cluster3: Env) -> None:
 def test_bad_numbers_in_flags(cluster3: Env) -> None:
     refused(cluster3, "scpget", "x", "--node", "abc", code=2, says="invalid node list 'abc'")
     refused(cluster3, "logs", "--lines", "many", code=2, says="--lines needs a number")
+
+
+def test_invoke_runner_options_are_not_vtool_options(venv: Env) -> None:
+    for opt in ("--dry", "--echo", "--pty", "-f"):
+        r = venv.cli(opt, "launch", "1")
+        assert r.returncode != 0 and "No idea what" in r.stderr and "Traceback" not in r.stderr
+    assert not (venv.vhome / "clusters").exists()
+
+
+def test_local_nodes_refuse_another_login_user(venv: Env) -> None:
+    refused(venv, "launch", "1", code=3, says="local nodes run as you", extra_env={"VTOOL_SSH_USER": "nobody"})
+    assert not (venv.vhome / "clusters").exists()
+
+
+def test_mkpkg_output_names(venv: Env) -> None:
+    pkg = make_package(venv.root, "tool", "#!/bin/sh\n")
+    refused(venv, "mkpkg", str(pkg), "--output", "x.zip", code=2, says="name it NAME.tar.gz")
+    r = venv.ok("mkpkg", str(pkg), "--output", "dist/")
+    assert (venv.work / "dist" / "tool.tar.gz").is_file() and "dist/tool.tar.gz" in r.stdout
+    venv.ok("mkpkg", str(pkg), "--output", "deep/er/t.tgz")
+    assert (venv.work / "deep" / "er" / "t.tgz").is_file()

@@ -193,3 +193,27 @@ def test_only_failed_reruns_just_the_failed_nodes(cluster3: Env) -> None:
     r = cluster3.ok("inject", str(pkg), "--only-failed")
     assert "node 2: started" in r.stdout and "node 0" not in r.stdout
     wait_for(lambda: (cluster3.node_home(2) / "redo-ran").exists())
+
+
+def test_node_whose_sshd_died_is_cleaned_up_completely(cluster3: Env) -> None:
+    """Only node 1's listening sshd dies; its open shared connection must not outlive terminate."""
+    cluster3.ok("run", "true")  # opens a shared connection to every node
+    listener = int(cluster3.node_meta(1)["pid"])
+    children = [p for p in _node_pids(cluster3, 1) if p != listener]
+    assert children, "the shared connection's sshd should be a child of the listener"
+    os.kill(listener, signal.SIGKILL)
+    doc = json.loads(cluster3.ok("status", "--json").stdout)
+    assert [n["state"] for n in doc[0]["nodes"]] == ["running", "dead", "running"]
+    cm = _control_dir(cluster3)
+    cluster3.ok("terminate", "--yes")
+    wait_for(lambda: not [p for p in children if _proc_alive(p)])
+    muxes = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if str(cm).encode() in cmd and _proc_alive(int(pid)):
+                muxes.append(cmd)
+    assert not muxes, f"shared SSH connections left open: {muxes}"

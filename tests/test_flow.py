@@ -145,3 +145,16 @@ def test_terminate_asks_then_is_idempotent(cluster3: Env) -> None:
     again = cluster3.ok("terminate", "--yes")
     assert "nothing to terminate" in again.stdout
     assert json.loads(cluster3.ok("status", "--json").stdout) == []
+
+
+def test_named_clusters_side_by_side(venv: Env) -> None:
+    venv.ok("launch", "1", "--cluster", "alpha")
+    venv.ok("launch", "2", extra_env={"VTOOL_CLUSTER": "beta"})
+    both = json.loads(venv.ok("status", "--json").stdout)
+    assert {c["cluster"]: len(c["nodes"]) for c in both} == {"alpha": 1, "beta": 2}
+    only = json.loads(venv.ok("status", "--json", extra_env={"VTOOL_CLUSTER": "beta"}).stdout)
+    assert [c["cluster"] for c in only] == ["beta"]
+    r = venv.ok("run", "echo $VTOOL_CLUSTER-$VTOOL_NODE_INDEX", "-c", "beta")
+    assert sorted(ln for ln in r.stdout.splitlines() if ln.startswith("[")) == ["[0] beta-0", "[1] beta-1"]
+    venv.ok("terminate", "--yes", "-c", "alpha")
+    assert [c["cluster"] for c in json.loads(venv.ok("status", "--json").stdout)] == ["beta"]

@@ -152,3 +152,33 @@ def test_connect_then_screen_r_shows_the_launch_script(cluster3: Env) -> None:
         os.close(master)
     r = cluster3.ok("status", "--json")
     assert {n["launch"] for n in json.loads(r.stdout)[0]["nodes"]} == {"running"}
+
+
+def test_before_inject_hook_sees_launch_sending_the_release(venv: Env) -> None:
+    import vtool
+    from vtool import api, hookimpl
+    from vtool import plugin_manager as plugins
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    class Recorder:
+        @hookimpl
+        def vtool_before_inject(self, cluster, nodes, release, settings):  # type: ignore[no-untyped-def]
+            calls.append((release.name, tuple(n.index for n in nodes)))
+
+        @hookimpl
+        def vtool_after_inject(self, cluster, nodes, release, results, settings):  # type: ignore[no-untyped-def]
+            calls.append(("after", tuple(r.index for r in results.succeeded)))
+
+    pm = plugins.get()
+    rec = Recorder()
+    pm.register(rec, name="recorder")
+    try:
+        s = vtool.settings()
+        api.launch(2, settings=s)
+        pkg = make_package(venv.root, "hooked", "#!/bin/sh\n")
+        api.inject(str(pkg), settings=s)
+        api.launch(1, settings=s)
+    finally:
+        pm.unregister(rec)
+    assert calls == [("hooked", (0, 1)), ("after", (0, 1)), ("hooked", (2,)), ("after", (2,))]

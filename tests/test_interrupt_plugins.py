@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Env, make_package
+from conftest import Env, make_package, wait_for
 
 from vtool.providers.local import _proc_alive
 
@@ -89,3 +89,24 @@ def test_broken_plugins_are_named_with_exit_code_5(venv: Env) -> None:
     r = venv.cli("launch", "1", extra_env={"PYTHONPATH": f"{site}:{venv.env['PYTHONPATH']}"})
     assert r.returncode == 5 and "typoplug" in r.stderr and "vtool_aftre_launch" in r.stderr
     assert not (venv.vhome / "clusters").exists()
+
+
+def test_sigterm_stops_logs_follow_and_its_remote_tail(cluster3: Env) -> None:
+    pkg = make_package(cluster3.root, "ticker", "#!/bin/sh\nwhile true; do echo tick; sleep 0.2; done\n")
+    cluster3.ok("inject", str(pkg), "--nodes", "0")
+    proc = subprocess.Popen([sys.executable, "-m", "vtool", "logs", "-f", "--nodes", "0"], cwd=cluster3.work,
+                            env=cluster3.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "[0] tick"
+
+    def tails() -> list[int]:
+        from vtool.providers.local import _proc_cmdline, node_processes
+
+        meta = cluster3.node_meta(0)
+        return [p for p in node_processes(int(meta["pid"]), str(meta["token"])) if "tail" in " ".join(_proc_cmdline(p))]
+
+    assert tails()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "vtool: interrupted" in err
+    wait_for(lambda: not tails())

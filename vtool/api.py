@@ -52,7 +52,7 @@ from .models import (
 )
 from .providers.base import Provider
 from .ssh import SshClient, ssh_config_block
-from .state import ClusterCache, ClusterPaths, control_dir, list_cluster_names
+from .state import ClusterCache, ClusterPaths, check_private_key, control_dir, list_cluster_names
 
 Progress = Callable[[str], None]
 LineSink = Callable[[int, str, str], None]  # (node index, "out"|"err", line)
@@ -140,6 +140,7 @@ class Session:
             c = self._clients.get(node.index)
             if c is None:
                 target = self.provider.ssh_target(node)
+                check_private_key(Path(target.key_file))
                 jump = self.pm.hook.vtool_gateway(node=node, settings=self.settings)
                 if jump:
                     from dataclasses import replace
@@ -191,6 +192,7 @@ class LaunchResult:
     new: tuple[Node, ...]  # the nodes this launch made (ready ones)
     ready: GroupResult  # one result per node created: did it accept SSH in time
     injected: GroupResult | None = None  # the cluster's release sent to the new nodes
+    informed: GroupResult | None = None  # cluster files rewritten on every node (when no release was sent)
 
 
 def check_count(count: Any) -> int:
@@ -269,14 +271,14 @@ def launch(
 
     release = s.cache.release()
     do_inject = settings.inject_auto if inject is None else inject
-    injected = None
+    injected = informed = None
     live = [x for x in info.nodes if x.state == "running"]
     if release is not None and do_inject and new:
         progress(f"sending release {release.dirname} to the new node(s)")
         injected = _inject_release(s, info, release, targets=new, everyone=live, progress=progress)
     else:
-        _tell_cluster(s, info, live, None)
-    return LaunchResult(s.info(), tuple(new), ready, injected)
+        informed = _tell_cluster(s, info, live, None)
+    return LaunchResult(s.info(), tuple(new), ready, injected, informed)
 
 
 # -- inject -----------------------------------------------------------------------------
@@ -312,7 +314,10 @@ def inject(
     s.cache.set_release(release)
     progress(f"injecting {release.dirname} into {len(targets)} node(s)")
     live = [x for x in info.nodes if x.state == "running"]
-    return s.record("inject", _inject_release(s, info, release, targets=targets, everyone=live, progress=progress))
+    return s.record(
+        "inject",
+        _inject_release(s, info, release, targets=targets, everyone=live, progress=progress, before_hook_done=True),
+    )
 
 
 def _node_env(s: Session, info: ClusterInfo, node: Node) -> dict[str, str]:
@@ -344,8 +349,11 @@ def _inject_release(
     targets: Sequence[Node],
     everyone: Sequence[Node],
     progress: Progress,
+    before_hook_done: bool = False,
 ) -> GroupResult:
     target_ids = {x.index for x in targets}
+    if not before_hook_done:
+        s.pm.hook.vtool_before_inject(cluster=info, nodes=tuple(targets), release=release, settings=s.settings)
     others = [x for x in everyone if x.index not in target_ids]
     if others:
         _tell_cluster(s, info, others, None)
@@ -635,6 +643,11 @@ def connection(index: int = 0, *, settings: Settings) -> Any:
     s = Session(settings)
     node = s.select(s.existing(), str(index))[0]
     target = s.client(node).target
+    if target.proxy_jump:
+        raise ConfigError(
+            f"node {node.index} is reached through a gateway ({target.proxy_jump}); connection() does not "
+            "support gateways yet: use `vtool run` or ssh_argv()"
+        )
     conn = Connection(
         host=target.host,
         port=target.port,
@@ -669,8 +682,7 @@ def terminate(*, settings: Settings, nodes: str | None = None, progress: Progres
     except Exception as e:  # reported, never blocks the tear-down
         progress(f"warning: a before-terminate hook failed: {e}")
     for node in targets:
-        if node.state == "running":
-            s.client(node).close()
+        s.client(node).close()  # also for a dead node: its shared connection may still be open
     results = GroupResult(tuple(s.provider.terminate(s.cluster, targets, progress)))
     left = s.provider.nodes(s.cluster)
     if not left:

@@ -33,7 +33,7 @@ VTOOL_DEFAULTS: dict[str, Any] = {
     "profile": "",  # profile (a group of settings under `profiles:`) to apply
     "provider": "local",  # local | ec2 | a plugin's provider
     "home": "~/.vtool",  # where all local state lives (VTOOL_HOME)
-    "debug": False,  # show tracebacks for every error
+    "debug": False,  # show full tracebacks of unexpected errors on nodes (VTOOL_DEBUG=1: of every error)
     "concurrency": 32,  # at most this many nodes are worked on at once
     "timeout": {
         "connect": 10,  # seconds to open an SSH connection to a node

@@ -26,7 +26,7 @@ hookimpl = pluggy.HookimplMarker("vtool")
 def vtool_config_defaults() -> dict[str, Any]:  # type: ignore[empty-body]
     """Contribute typed defaults for a plugin's own settings.
 
-    Called once when settings are loaded, before any config file is read, so the plugin's
+    Called each time settings are loaded, before any config file is read, so the plugin's
     keys are known (unknown keys in a file are refused) and typed (a value of another type
     is refused).
 
@@ -39,7 +39,7 @@ def vtool_config_defaults() -> dict[str, Any]:  # type: ignore[empty-body]
 def vtool_register_providers(register: Callable[[str, Callable[..., Any]], None]) -> None:
     """Register node providers.
 
-    Called once when the plugin manager is built. Call ``register(name, factory)`` for each
+    Called whenever vtool looks up a provider. Call ``register(name, factory)`` for each
     provider; ``factory(settings)`` returns an object implementing
     ``vtool.providers.base.Provider``. The setting ``provider: NAME`` selects it. Two
     providers with one name are refused (exit code 5).
@@ -78,9 +78,10 @@ def vtool_after_launch(cluster: Any, node: Any, settings: Any, remote: Any) -> N
 
 @hookspec
 def vtool_before_inject(cluster: Any, nodes: Any, release: Any, settings: Any) -> None:
-    """Called once before a release is sent, with the target nodes (a tuple of ``Node``)
-    and the ``Release`` (name, content hash, local archive). Raise ``VtoolError`` to
-    refuse the inject before anything is sent.
+    """Called once before a release is sent (by ``inject``, and by ``launch`` sending the
+    cluster's release to new nodes), with the target nodes (a tuple of ``Node``) and the
+    ``Release`` (name, content hash, local archive). Raise ``VtoolError`` to refuse the
+    inject before anything is sent.
     """
 
 

@@ -12,9 +12,24 @@ from . import __version__
 from .config import VtoolConfig
 from .errors import VtoolError
 
+# Invoke's own core options that mean something for vtool; the others (--dry, --echo,
+# --pty, --hide, --config ...) configure Invoke's local command runner, which vtool's
+# verbs do not use, so accepting them would only mislead.
+CORE_OPTIONS = {"complete", "debug", "help", "list", "list-depth", "list-format", "print-completion-script",
+                "version", "write-pyc"}
+
 
 class VtoolProgram(Program):
     """Invoke's Program, with vtool's errors (e.g. a broken vtool.yaml) as one line."""
+
+    def core_args(self) -> list[Any]:
+        return [a for a in super().core_args() if a.name in CORE_OPTIONS]
+
+    def update_config(self, merge: bool = True) -> None:
+        # vtool reads its settings itself (vtool.config.load_settings); nothing to add here.
+        self.config.set_runtime_path(None)
+        if merge:
+            self.config.merge()
 
     def run(self, argv: Any = None, exit: bool = True) -> None:
         try:

@@ -283,11 +283,14 @@ def make_package(folder: str | Path, output: str | Path | None = None) -> Path:
         raise ConfigError(f"{folder}: no such folder")
     find_launcher(src)
     name = check_name(src.resolve().name, str(folder))
-    dest = Path(output) if output else Path.cwd() / f"{name}.tar.gz"
-    if dest.is_dir():
+    dest = Path(output).expanduser() if output else Path.cwd() / f"{name}.tar.gz"
+    if dest.is_dir() or str(output or "").endswith("/"):
         dest = dest / f"{name}.tar.gz"
+    if not dest.name.endswith((".tar.gz", ".tgz")):
+        raise ConfigError(f"{dest}: mkpkg writes a gzip tarball; name it NAME.tar.gz or NAME.tgz")
     if dest.resolve().is_relative_to(src.resolve()):
         raise ConfigError(f"{dest}: write the package outside the folder it packs")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     entries = select_files(src)
     write_tarball(src, name, entries, dest, level=6)
     os.chmod(dest, 0o644)

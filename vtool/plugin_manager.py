@@ -38,7 +38,8 @@ def build() -> pluggy.PluginManager:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
-        raise PluginError(f"plugin {e.plugin!r}: {e}") from None
+        name = pm.get_name(e.plugin) or repr(e.plugin)
+        raise PluginError(f"plugin {name!r}: {str(e).split(' in plugin ')[0]}") from None
     return pm
 
 

@@ -107,13 +107,21 @@ def list_cluster_names(home: Path) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def check_private_key(path: Path) -> None:
+    """Refuse a private key that other users can read."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        raise ConfigError(f"{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")
+
+
 def ensure_client_key(paths: ClusterPaths) -> Path:
     """The cluster's ed25519 client key: generated once (0600 in a 0700 folder), then checked."""
     paths.create()
     if paths.key.exists():
-        mode = stat.S_IMODE(paths.key.stat().st_mode)
-        if mode & 0o077:
-            raise ConfigError(f"{paths.key} is readable by other users (mode {mode:o}); run `chmod 600 {paths.key}`")
+        check_private_key(paths.key)
         return paths.key
     keygen = shutil.which("ssh-keygen")
     if keygen is None:

@@ -57,6 +57,7 @@ _PROFILE = """# written by vtool for local node {name}
 
 _BASHRC = """# written by vtool for local node {name}
 case $- in *i*) ;; *) return ;; esac
+[ -r "$HOME/.vtool/cluster.env" ] && . "$HOME/.vtool/cluster.env"
 PS1='[vtool {name}] \\w\\$ '
 """
 
@@ -143,6 +144,11 @@ def node_processes(sshd_pid: int | None, token: str) -> list[int]:
     for p in pids:
         if p not in found and _has_token(p, marker):
             found.add(p)
+            # The per-session sshd above a node's shell belongs to the node too (it outlives a
+            # killed listener while a shared connection keeps it open).
+            pp = parent.get(p, -1)
+            if pp > 1 and pp not in found and (_proc_cmdline(pp) or [""])[0].startswith("sshd:"):
+                found.add(pp)
     found.discard(me)
     return sorted(found)
 
@@ -206,10 +212,9 @@ class LocalProvider:
                 raise ProviderError(
                     f"{tool} not found: install the OpenSSH client (Debian/Ubuntu: sudo apt-get install openssh-client)"
                 )
-        if os.getuid() != 0 and self.user != pwd.getpwuid(os.getuid()).pw_name:
-            raise ProviderError(
-                f"local nodes run as you; ssh.user {self.user!r} can only be used when vtool runs as root"
-            )
+        me = pwd.getpwuid(os.getuid()).pw_name
+        if self.user != me:
+            raise ProviderError(f"local nodes run as you ({me}); unset ssh.user ({self.user!r}) for the local provider")
 
     # -- listing ------------------------------------------------------------------------
     def clusters(self) -> list[str]:

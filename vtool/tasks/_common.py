@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import signal
 import sys
 import threading
 import time
@@ -23,23 +24,34 @@ COMMON_HELP = {
 
 
 class VtoolTask(Task):
-    """A Task whose positional arguments take no short flag (Invoke gives them one, so
-    ``scpget``'s REMOTE took ``-r``); ``shortflags`` then assigns the ones users expect."""
+    """A Task with predictable short flags: ``-c`` is always --cluster and ``-p`` --profile,
+    positional arguments take none (Invoke gives them one, so ``run``'s COMMAND took ``-c``),
+    ``shortflags`` assigns chosen ones, and the rest get their first letter when it is free."""
 
     shortflags: dict[str, str] = {}
+    ALWAYS = {"cluster": "c", "profile": "p"}
 
     def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Any]:
         args = super().get_arguments(ignore_unknown_help=ignore_unknown_help)
-        wanted = set(self.shortflags.values())
+        chosen = {**self.ALWAYS, **self.shortflags}
+        taken = set(chosen.values()) | {"h"} | {a.names[0] for a in args if len(a.names[0]) == 1}
         for arg in args:
             long = arg.names[0]
-            keep = [n for n in arg.names[1:] if len(n) > 1]
-            if not arg.positional and long not in self.shortflags:
-                keep += [n for n in arg.names[1:] if len(n) == 1 and n not in wanted]
-            if long in self.shortflags:
-                keep.append(self.shortflags[long])
-            arg.names = (long, *keep)
+            names = [long] + [n for n in arg.names[1:] if len(n) > 1]
+            name = arg.name or long
+            if not arg.positional and len(long) > 1:
+                short = chosen.get(name)
+                if short is None and name[0] not in taken:
+                    short = name[0]
+                    taken.add(short)
+                if short:
+                    names.append(short)
+            arg.names = tuple(names)
         return args
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def vtool_task(
@@ -59,6 +71,10 @@ def vtool_task(
         @functools.wraps(body)
         def wrapper(c: Any, *args: Any, **kw: Any) -> Any:
             debug = os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on")
+            previous = None
+            if threading.current_thread() is threading.main_thread():
+                # SIGTERM stops vtool as Ctrl-C does: in order, closing what it opened.
+                previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
             try:
                 return body(c, *args, **kw)
             except VtoolError as e:
@@ -69,6 +85,9 @@ def vtool_task(
                 if debug:
                     raise
                 raise Exit("vtool: interrupted", code=130) from None
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
 
         params = inspect.signature(body).parameters
         common = {k: v for k, v in COMMON_HELP.items() if k in params}

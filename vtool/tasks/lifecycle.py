@@ -55,6 +55,10 @@ def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout
         for r in result.injected.failed:
             out.line(f"node {r.index}: inject failed: {r.error}", err=True)
         api.raise_for_failures(result.injected, "sending the release to new nodes")
+    if result.informed is not None:
+        for r in result.informed.failed:
+            out.line(f"node {r.index}: could not write the cluster files: {r.error}", err=True)
+        api.raise_for_failures(result.informed, "telling the nodes about the cluster")
     api.raise_for_failures(result.ready, "launch")
 
 
@@ -62,7 +66,8 @@ def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout
 def status(c, cluster=None, profile=None, json_=False):
     """Show every cluster and node: state, uptime, release, launch script."""
     settings = settings_from(cluster, profile)
-    clusters = api.status(settings=settings, all_clusters=cluster is None)
+    # Every cluster, unless one was chosen (--cluster, VTOOL_CLUSTER, `cluster:` or a profile).
+    clusters = api.status(settings=settings, all_clusters=cluster is None and settings.cluster == "default")
     now = time.time()
     if json_:
         doc = [
