@@ -110,3 +110,30 @@ def test_sigterm_stops_logs_follow_and_its_remote_tail(cluster3: Env) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "vtool: interrupted" in err
     wait_for(lambda: not tails())
+
+
+def _sleepers(env: Env, marker: str) -> list[int]:
+    from vtool.providers.local import _proc_cmdline, node_processes
+
+    found = []
+    for i in range(3):
+        meta = env.node_meta(i)
+        found += [p for p in node_processes(int(meta["pid"]), str(meta["token"])) if " ".join(_proc_cmdline(p)) == marker]
+    return found
+
+
+def test_timeout_and_ctrl_c_stop_the_remote_command(cluster3: Env) -> None:
+    r = cluster3.cli("run", "sleep 77; echo never", extra_env={"VTOOL_TIMEOUT_COMMAND": "1"})
+    assert r.returncode == 1 and "timed out after 1s" in r.stderr and "never" not in r.stdout
+    wait_for(lambda: not _sleepers(cluster3, "sleep 77"))
+
+    proc = subprocess.Popen([sys.executable, "-m", "vtool", "run", "echo started; sleep 78"], cwd=cluster3.work,
+                            env=cluster3.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    for _ in range(3):
+        assert "started" in proc.stdout.readline()
+    assert len(_sleepers(cluster3, "sleep 78")) == 3
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    wait_for(lambda: not _sleepers(cluster3, "sleep 78"))

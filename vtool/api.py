@@ -419,7 +419,7 @@ def run(
     def op(node: Node) -> CommandResult:
         sink = (lambda stream, line: on_line(node.index, stream, line)) if on_line else None
         return s.client(node).run(
-            remote.with_cluster_env(command), timeout=settings.timeout.command or None, on_line=sink
+            remote.supervised(command), timeout=settings.timeout.command or None, on_line=sink, hold_stdin=True
         )
 
     return s.record("run", s.fan_out(targets, op))

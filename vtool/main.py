@@ -15,8 +15,17 @@ from .errors import VtoolError
 # Invoke's own core options that mean something for vtool; the others (--dry, --echo,
 # --pty, --hide, --config ...) configure Invoke's local command runner, which vtool's
 # verbs do not use, so accepting them would only mislead.
-CORE_OPTIONS = {"complete", "debug", "help", "list", "list-depth", "list-format", "print-completion-script",
-                "version", "write-pyc"}
+CORE_OPTIONS = {
+    "complete",
+    "debug",
+    "help",
+    "list",
+    "list-depth",
+    "list-format",
+    "print-completion-script",
+    "version",
+    "write-pyc",
+}
 
 
 class VtoolProgram(Program):

@@ -135,9 +135,26 @@ def start(release: Release, launch_command: str, use_screen: bool) -> str:
     )
 
 
-def with_cluster_env(command: str) -> str:
-    """``command`` with the node's VTOOL_* variables set (as the launch script has them)."""
-    return 'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi\n' + command
+def supervised(command: str) -> str:
+    """Run ``command`` in the login shell with the node's VTOOL_* variables set (as the launch
+    script has them), in a process group of its own that is stopped when vtool's end of the
+    connection goes away (a timeout, Ctrl-C, a lost client): the client keeps the session's
+    stdin open, and its end-of-file is the signal. Its exit code is the command's."""
+    return "\n".join(
+        [
+            'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi',
+            "exec 3<&0",
+            f'setsid "${{SHELL:-/bin/sh}}" -c {q(command)} </dev/null 3<&- &',
+            "vtool_pid=$!",
+            '(cat >/dev/null; kill -TERM -- "-$vtool_pid") <&3 >/dev/null 2>&1 &',
+            "vtool_watch=$!",
+            "exec 3<&-",
+            'wait "$vtool_pid"',
+            "vtool_rc=$?",
+            'kill "$vtool_watch" 2>/dev/null',
+            "exit $vtool_rc",
+        ]
+    )
 
 
 STATUS = """c="$HOME/.vtool/current"

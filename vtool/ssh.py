@@ -152,8 +152,12 @@ class SshClient:
         timeout: float | None = None,
         on_line: LineCallback | None = None,
         check: bool = False,
+        hold_stdin: bool = False,
     ) -> CommandResult:
         """Run ``command`` (a shell string, already quoted) and return its exit code and output.
+
+        ``hold_stdin`` keeps the remote stdin open (and silent) while the command runs, so
+        the remote side sees end-of-file when this client goes away (``remote.supervised``).
 
         Connection failures (never a command's own exit code) are retried. Raises NodeError
         when the node cannot be reached, HostKeyMismatch when its key is not the pinned one,
@@ -163,7 +167,7 @@ class SshClient:
         while True:
             if attempt and hasattr(input, "seek"):
                 input.seek(0)  # type: ignore[union-attr]
-            result = self._run_once(command, input=input, timeout=timeout, on_line=on_line)
+            result = self._run_once(command, input=input, timeout=timeout, on_line=on_line, hold_stdin=hold_stdin)
             if result.exit_code != 255:
                 break
             _raise_for_ssh_error(result.stderr, self.target)
@@ -178,13 +182,20 @@ class SshClient:
         return result
 
     def _run_once(
-        self, command: str, *, input: Any, timeout: float | None, on_line: LineCallback | None
+        self,
+        command: str,
+        *,
+        input: Any,
+        timeout: float | None,
+        on_line: LineCallback | None,
+        hold_stdin: bool = False,
     ) -> CommandResult:
         pass_file = input is not None and not isinstance(input, (bytes, bytearray))
+        piped = input is not None or hold_stdin
         proc = _track(
             subprocess.Popen(
                 self.argv(command),
-                stdin=input if pass_file else (subprocess.PIPE if input is not None else subprocess.DEVNULL),
+                stdin=input if pass_file else (subprocess.PIPE if piped else subprocess.DEVNULL),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C reaches vtool, which stops these (kill_running)
@@ -193,6 +204,8 @@ class SshClient:
         try:
             return self._wait(proc, input, pass_file, timeout, on_line)
         finally:
+            if hold_stdin and proc.stdin is not None:
+                proc.stdin.close()
             _untrack(proc)
 
     def _wait(
