@@ -123,6 +123,23 @@ def cluster3(venv: Env) -> Env:
     return venv
 
 
+def pids_whose_cmdline_has(*parts: str) -> set[int]:
+    """Live processes whose command line contains every one of ``parts``."""
+    from vtool.providers.local import _proc_alive
+
+    found = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(p in cmd for p in parts) and _proc_alive(int(pid)):
+            found.add(int(pid))
+    return found
+
+
 def make_package(base: Path, name: str, script: str, files: dict[str, str] | None = None, mode: int = 0o755) -> Path:
     """A package folder ``base/name`` with ``vtool-launch`` = ``script``."""
     d = base / name

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Env, make_package
+from conftest import Env, make_package, pids_whose_cmdline_has
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -22,16 +22,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 def _sshd_count(vhome: Path) -> int:
     """sshd processes serving nodes under this test's VTOOL_HOME."""
-    n = 0
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-            except OSError:
-                continue
-            if b"sshd" in cmd and str(vhome).encode() in cmd:
-                n += 1
-    return n
+    return len(pids_whose_cmdline_has("sshd", str(vhome)))
 
 
 def refused(env: Env, *args: str, code: int, says: str, extra_env: dict[str, str] | None = None) -> str:

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Env, make_package, wait_for
+from conftest import Env, make_package, pids_whose_cmdline_has, wait_for
 
 from vtool.providers.local import _proc_alive, node_processes
 
@@ -207,13 +207,5 @@ def test_node_whose_sshd_died_is_cleaned_up_completely(cluster3: Env) -> None:
     cm = _control_dir(cluster3)
     cluster3.ok("terminate", "--yes")
     wait_for(lambda: not [p for p in children if _proc_alive(p)])
-    muxes = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-            except OSError:
-                continue
-            if str(cm).encode() in cmd and _proc_alive(int(pid)):
-                muxes.append(cmd)
+    muxes = pids_whose_cmdline_has(str(cm))
     assert not muxes, f"shared SSH connections left open: {muxes}"

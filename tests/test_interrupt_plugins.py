@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import Env, make_package, wait_for
-
-from vtool.providers.local import _proc_alive
+from conftest import Env, make_package, pids_whose_cmdline_has, wait_for
 
 
 def _sshd_pids_under(vhome: Path) -> set[int]:
-    found = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-            except OSError:
-                continue
-            if cmd.startswith(b"/") and b"sshd" in cmd and str(vhome).encode() in cmd and _proc_alive(int(pid)):
-                found.add(int(pid))
-    return found
+    return {p for p in pids_whose_cmdline_has("sshd -D", str(vhome))}
 
 
 def test_ctrl_c_during_launch_leaves_no_untracked_node(venv: Env) -> None:
