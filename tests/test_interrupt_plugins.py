@@ -30,7 +30,7 @@ def test_ctrl_c_during_launch_leaves_no_untracked_node(venv: Env) -> None:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (out, seen + err)
-    assert "vtool: interrupted" in err and "Traceback" not in err
+    assert "vtool: interrupted" in err and "vtool terminate -c default --yes" in err and "Traceback" not in err
     listed = json.loads(venv.ok("status", "--json").stdout)
     tracked = {n["id"] for c in listed for n in c["nodes"]}
     running = _sshd_pids_under(venv.vhome)

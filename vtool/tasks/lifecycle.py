@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from .. import api
-from ..errors import UsageError
+from ..errors import Interrupted, UsageError
 from ._common import Output, duration, number, table, vtool_task
 
 
@@ -45,7 +45,15 @@ def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout
     )
     settings = settings_from(cluster, profile, **overrides)
     out = Output()
-    result = api.launch(count, settings=settings, inject=False if no_inject else None, progress=out.progress)
+    try:
+        result = api.launch(count, settings=settings, inject=False if no_inject else None, progress=out.progress)
+    except KeyboardInterrupt:
+        out.done()
+        name = settings.cluster
+        raise Interrupted(
+            f"interrupted: nodes being created were stopped; nodes already up stay in cluster {name!r} "
+            f"(see `vtool status -c {name}`, remove them with `vtool terminate -c {name} --yes`)"
+        ) from None
     out.done()
     out.line(f"cluster {result.cluster.name!r}: {len(result.cluster.nodes)} node(s)")
     out.line(node_table(result.cluster.nodes))
