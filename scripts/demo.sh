@@ -17,3 +17,4 @@ vtool logs
 vtool scpgetall hello-result.txt out/hello-result
 head out/hello-result.*
 vtool terminate --yes
+{ set +x; trap - EXIT; } 2>/dev/null

@@ -426,7 +426,7 @@ class LocalProvider:
             if meta.get("screendir") and not str(meta["screendir"]).startswith(str(d)):
                 shutil.rmtree(meta["screendir"], ignore_errors=True)
             forget_host_keys(paths, [node.host_key_alias])
-            progress(f"node {node.index}: stopped ({len(victims)} processes)")
+            progress(f"node {node.index}: stopped ({len(victims)} process{'es' * (len(victims) != 1)})")
             results.append(NodeResult(node.index, True, value=len(victims)))
         return results
 
