@@ -18,7 +18,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,15 @@ from .models import (
 )
 from .providers.base import Provider
 from .ssh import SshClient, ssh_config_block
-from .state import ClusterCache, ClusterPaths, check_private_key, control_dir, list_cluster_names
+from .state import (
+    ClusterCache,
+    ClusterPaths,
+    check_private_key,
+    control_dir,
+    list_cluster_names,
+    pin_host_key,
+    pinned_aliases,
+)
 
 Progress = Callable[[str], None]
 LineSink = Callable[[int, str, str], None]  # (node index, "out"|"err", line)
@@ -141,10 +149,11 @@ class Session:
             if c is None:
                 target = self.provider.ssh_target(node)
                 check_private_key(Path(target.key_file))
+                address = self.pm.hook.vtool_node_address(node=node, settings=self.settings)
+                if address:
+                    target = replace(target, host=str(address[0]), port=int(address[1]))
                 jump = self.pm.hook.vtool_gateway(node=node, settings=self.settings)
                 if jump:
-                    from dataclasses import replace
-
                     target = replace(target, proxy_jump=str(jump))
                 s = self.settings
                 c = SshClient(
@@ -205,11 +214,42 @@ def check_count(count: Any) -> int:
     return n
 
 
+def wait_ready(s: Session, node: Node, deadline: float) -> None:
+    """Wait until ``node`` accepts SSH. A node whose host key is not pinned yet (a cloud
+    node's first contact) has its key recorded by that first connection, into the cluster's
+    known_hosts; every later connection checks it strictly."""
+    client = s.client(node)
+    timeout = s.settings.timeout
+    last = ""
+    while True:
+        try:
+            if node.host_key_alias not in pinned_aliases(s.paths):
+                keys = client.first_contact(timeout=max(1.0, timeout.connect))
+                for line in keys:
+                    pin_host_key(s.paths, node.host_key_alias, line)
+            client.run("true", timeout=max(1.0, timeout.connect), check=True)
+            return
+        except NodeUnreachable as e:  # not up yet; anything else fails at once
+            last = str(e)
+        if time.monotonic() >= deadline:
+            raise NodeError(f"did not accept SSH within {timeout.ready:g}s ({last})")
+        time.sleep(0.5)
+
+
 def launch(
-    count: int | str, *, settings: Settings, inject: bool | None = None, progress: Progress = _quiet
+    count: int | str,
+    *,
+    settings: Settings,
+    inject: bool | None = None,
+    progress: Progress = _quiet,
+    wait: bool = True,
+    keep_unready: bool = False,
 ) -> LaunchResult:
     """Add ``count`` nodes to the cluster (additive, stable indices), wait until each accepts
-    SSH, run the after-launch hooks, and send them the cluster's current release."""
+    SSH, run the after-launch hooks, and send them the cluster's current release.
+
+    ``wait=False`` returns once the provider has the nodes (``inject`` waits for them).
+    Nodes that never accept SSH are terminated unless ``keep_unready``."""
     n = check_count(count)
     s = Session(settings)
     s.provider.check()
@@ -221,23 +261,12 @@ def launch(
     progress(
         f"launching {n} node{'s' * (n != 1)} ({indices[0]}-{indices[-1]}) on {s.provider.name} for cluster {s.cluster!r}"
     )
-    created = s.provider.launch(s.cluster, indices, progress)
+    created = s.provider.launch(s.cluster, indices, progress, wait=wait)
+    if not wait:
+        return LaunchResult(s.info(), tuple(created), GroupResult(tuple(NodeResult(x.index, True) for x in created)))
 
     deadline = time.monotonic() + settings.timeout.ready
     counter = {"ready": 0}
-
-    def wait_ready(node: Node) -> None:
-        client = s.client(node)
-        last = ""
-        while True:
-            try:
-                client.run("true", timeout=max(1.0, settings.timeout.connect), check=True)
-                return
-            except NodeUnreachable as e:  # not up yet; anything else fails at once
-                last = str(e)
-            if time.monotonic() >= deadline:
-                raise NodeError(f"did not accept SSH within {settings.timeout.ready:g}s ({last})")
-            time.sleep(0.5)
 
     def ready_done(r: NodeResult) -> None:
         if r.ok:
@@ -246,8 +275,12 @@ def launch(
             f"waiting for SSH: {counter['ready']}/{len(created)} ready" + ("" if r.ok else f" (node {r.index} failed)")
         )
 
-    ready = s.fan_out(created, wait_ready, on_done=ready_done)
+    ready = s.fan_out(created, lambda node: wait_ready(s, node, deadline), on_done=ready_done)
     failed = {r.index for r in ready.failed}
+    if failed and keep_unready:
+        progress(f"keeping {len(failed)} node(s) that never accepted SSH: {', '.join(map(str, sorted(failed)))}")
+        created = [x for x in created if x.index not in failed]  # kept in the cluster, not set up
+        failed = set()
     if failed:
         progress(f"terminating {len(failed)} node(s) that never accepted SSH: {', '.join(map(str, sorted(failed)))}")
         s.provider.terminate(s.cluster, [x for x in created if x.index in failed], progress)
@@ -360,9 +393,13 @@ def _inject_release(
     sent = {"done": 0}
     timeout = s.settings.timeout.transfer or None
 
+    ready_by = time.monotonic() + s.settings.timeout.ready
+
     def op(node: Node) -> dict[str, Any]:
-        if node.state != "running":
+        if node.state not in ("running", "pending"):
             raise NodeError(f"node is {node.state}")
+        if node.host_key_alias not in pinned_aliases(s.paths):  # launched with --no-wait
+            wait_ready(s, node, ready_by)
         client = s.client(node)
         cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release)
         have = client.run(cmd, timeout=timeout, check=True).stdout.strip().endswith("have")

@@ -75,6 +75,8 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _type_name(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list of strings"
     return {bool: "true/false", int: "a whole number", float: "a number", str: "a string"}.get(
         type(value), "a mapping" if isinstance(value, Mapping) else type(value).__name__
     )
@@ -92,6 +94,8 @@ def _check_value(path: str, default: Any, value: Any, where: str) -> None:
         ok = isinstance(value, str)
     elif isinstance(default, Mapping):
         ok = isinstance(value, Mapping)
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
         raise ConfigError(f"{where}: {path} must be {_type_name(default)}, not {value!r}")
     if isinstance(default, (int, float)) and not isinstance(default, bool) and value < 0:
@@ -146,6 +150,8 @@ class _CheckedEnvironment(Environment):
                 new = int(value) if isinstance(old, int) else float(value)
             except ValueError:
                 raise ConfigError(f"environment variable {name} must be {_type_name(old)}, not {value!r}") from None
+        elif isinstance(old, list):
+            new = [part.strip() for part in value.split(",") if part.strip()]
         elif isinstance(old, Mapping):
             raise ConfigError(f"environment variable {name} names a group of settings, not one setting")
         else:

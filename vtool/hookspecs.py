@@ -65,6 +65,17 @@ def vtool_gateway(node: Any, settings: Any) -> str | None:  # type: ignore[empty
     """
 
 
+@hookspec(firstresult=True)
+def vtool_node_address(node: Any, settings: Any) -> tuple[str, int] | None:  # type: ignore[empty-body]
+    """Choose the address and port vtool's SSH connects to for ``node`` (by default the
+    provider's: the public address on EC2, 127.0.0.1 and the node's port locally).
+
+    firstresult: return ``(host, port)``, or None to decline. Used by plugins that reach
+    nodes another way (a VPN, a port forward) and by tests that back cloud nodes with
+    local sshd processes.
+    """
+
+
 @hookspec
 def vtool_after_launch(cluster: Any, node: Any, settings: Any, remote: Any) -> None:
     """Called once per new node after ``launch``, when that node accepts SSH and before

@@ -15,7 +15,7 @@ from . import hookspecs
 from .errors import PluginError
 
 # Modules registered before any third-party plugin (each is inert unless configured).
-BUILTINS: tuple[str, ...] = ("vtool.providers.local",)
+BUILTINS: tuple[str, ...] = ("vtool.providers.local", "vtool.providers.ec2")
 
 
 def build() -> pluggy.PluginManager:

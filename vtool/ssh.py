@@ -131,6 +131,53 @@ class SshClient:
             args.append(command)
         return args
 
+    def first_contact(self, timeout: float) -> list[str]:
+        """Connect once, accepting and recording the node's host key (trust on first use),
+        and return the key lines (``"ssh-ed25519 AAAA..."``) it presented. The caller pins
+        them; every other connection is strict. Raises NodeUnreachable if it cannot connect."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vtool-hostkey-") as tmp:
+            scratch = Path(tmp) / "known_hosts"
+            opts = []
+            for i in range(0, len(self.options), 2):
+                key = self.options[i + 1].split("=", 1)[0]
+                if key in (
+                    "StrictHostKeyChecking",
+                    "UserKnownHostsFile",
+                    "ControlMaster",
+                    "ControlPath",
+                    "ControlPersist",
+                ):
+                    continue
+                opts += self.options[i : i + 2]
+            # A connection of its own (never a shared one, which would skip the key exchange).
+            opts += [
+                "-o",
+                "StrictHostKeyChecking=accept-new",
+                "-o",
+                f"UserKnownHostsFile={scratch}",
+                "-o",
+                "ControlMaster=no",
+                "-o",
+                "ControlPath=none",
+            ]
+            argv = [self.program, "-F", "/dev/null", *opts, "-T", "--", self.target.host, "true"]
+            r = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout + 30, check=False
+            )
+            if r.returncode == 255:
+                _raise_for_ssh_error(r.stderr, self.target)
+                raise NodeUnreachable(_ssh_error_line(r.stderr) or "SSH failed (exit 255)")
+            try:
+                lines = scratch.read_text().splitlines()
+            except FileNotFoundError:
+                lines = []
+        keys = [ln.split(" ", 1)[1] for ln in lines if ln.startswith(self.target.host_key_alias + " ")]
+        if not keys:
+            raise NodeError(f"{self.target.host}:{self.target.port} presented no host key to pin")
+        return keys
+
     def close(self) -> None:
         """Close the shared connection, if one is open."""
         if self.control_dir is None:

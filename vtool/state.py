@@ -16,6 +16,7 @@ The provider stays the source of truth for which nodes exist; this is a cache.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -154,15 +155,25 @@ def pin_host_key(paths: ClusterPaths, alias: str, key_line: str) -> None:
 
 
 def forget_host_keys(paths: ClusterPaths, aliases: list[str], add: list[str] | None = None) -> None:
-    try:
-        lines = paths.known_hosts.read_text().splitlines()
-    except FileNotFoundError:
-        lines = []
-    drop = set(aliases)
-    kept = [ln for ln in lines if ln.split(" ", 1)[0] not in drop]
-    kept.extend(add or [])
-    if paths.root.is_dir():
+    if not paths.root.is_dir():
+        return
+    with open(paths.root / ".known_hosts.lock", "a") as lock:  # threads and processes pin at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            lines = paths.known_hosts.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        drop = set(aliases)
+        kept = [ln for ln in lines if ln.split(" ", 1)[0] not in drop]
+        kept.extend(add or [])
         write_private(paths.known_hosts, "".join(f"{ln}\n" for ln in kept))
+
+
+def pinned_aliases(paths: ClusterPaths) -> set[str]:
+    try:
+        return {ln.split(" ", 1)[0] for ln in paths.known_hosts.read_text().splitlines() if ln.strip()}
+    except FileNotFoundError:
+        return set()
 
 
 def control_dir_path(home: Path) -> Path:

@@ -32,10 +32,12 @@ class Provider(Protocol):
     def nodes(self, cluster: str) -> list[Node]:
         """The cluster's nodes, in index order, with their current state."""
 
-    def launch(self, cluster: str, indices: Sequence[int], progress: Progress) -> list[Node]:
+    def launch(self, cluster: str, indices: Sequence[int], progress: Progress, wait: bool = True) -> list[Node]:
         """Create one node per index; return them once they exist (SSH may not be up yet).
+        With ``wait=False``, return as soon as the provider has accepted the request.
 
-        Nodes that could not be created are destroyed again before raising."""
+        Nodes that could not be created are destroyed again before raising; nodes that were
+        created stay findable (``nodes()``) whatever happens after."""
 
     def ssh_target(self, node: Node) -> SshTarget:
         """How to reach ``node`` directly (the gateway hook may add a ProxyJump)."""

@@ -252,7 +252,7 @@ class LocalProvider:
         return sorted(out, key=lambda n: n.index)
 
     # -- launch -------------------------------------------------------------------------
-    def launch(self, cluster: str, indices: Sequence[int], progress: Progress) -> list[Node]:
+    def launch(self, cluster: str, indices: Sequence[int], progress: Progress, wait: bool = True) -> list[Node]:
         sshd = self._sshd()
         paths = ClusterPaths(self.home, cluster).create()
         ensure_client_key(paths)
