@@ -116,6 +116,82 @@ def venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
         assert not survivors, f"processes {survivors} survived the test's tear-down"
 
 
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[object]:
+    """One real moto server for the session (reset before each test that uses it)."""
+    pytest.importorskip("moto.server", reason="moto[server] is installed by scripts/bootstrap.sh")
+    from aws import MotoServer
+
+    server = MotoServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Aws:
+    moto: object
+    proxy: object  # aws.FaultProxy
+    env: Env
+
+    def instances(self, **tags: str) -> list[dict]:  # type: ignore[type-arg]
+        from aws import instances
+
+        return instances(self.moto.url, **tags)  # type: ignore[attr-defined]
+
+
+AL2023 = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"  # moto has this one
+
+
+@pytest.fixture
+def aws(venv: Env, moto_server: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
+    """The ec2 provider against the moto server, through the fault-injecting proxy."""
+    from aws import FaultProxy, aws_env
+
+    moto_server.reset()  # type: ignore[attr-defined]
+    proxy = FaultProxy(moto_server.port)  # type: ignore[attr-defined]
+    extra = aws_env(proxy.url)
+    # moto's instance addresses (54.x) go nowhere offline: a short connect timeout for status probes.
+    extra.update(VTOOL_PROVIDER="ec2", VTOOL_EC2_SSH_CIDR="203.0.113.7/32", VTOOL_EC2_AMI_SSM_PARAMETER=AL2023,
+                 VTOOL_TIMEOUT_CONNECT="2")
+    venv.env.update(extra)
+    for k, v in extra.items():
+        monkeypatch.setenv(k, v)
+    # Never contact moto's made-up addresses: the test plugin maps every instance to loopback.
+    site = venv.root / "backing-site"
+    dist = site / "vtool_test_backing-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vtool-test-backing\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[vtool]\nbacking = vtool_test_backing\n")
+    shutil.copy(REPO / "tests" / "plugins" / "vtool_test_backing.py", site / "vtool_test_backing.py")
+    venv.env["PYTHONPATH"] = f"{site}{os.pathsep}{venv.env['PYTHONPATH']}"
+    venv.env["VTOOL_TEST_BACKING"] = "refuse"
+    monkeypatch.setenv("VTOOL_TEST_BACKING", "refuse")
+    monkeypatch.syspath_prepend(str(site))  # the same plugin for API calls made in this process
+    import vtool_test_backing
+
+    from vtool import plugin_manager
+
+    pm = plugin_manager.get()
+    pm.register(vtool_test_backing, name="backing-in-process")
+    try:
+        yield Aws(moto_server, proxy, venv)
+    finally:
+        pm.unregister(name="backing-in-process")
+        proxy.close()
+
+
+@pytest.fixture
+def backed(aws: Aws) -> Aws:
+    """EC2 nodes backed by real local sshd nodes (tests/plugins/vtool_test_backing.py)."""
+    import getpass
+
+    aws.env.env["VTOOL_TEST_BACKING"] = "sshd"
+    aws.env.env["VTOOL_SSH_USER"] = getpass.getuser()
+    return aws
+
+
 @pytest.fixture
 def cluster3(venv: Env) -> Env:
     """Three running local nodes in cluster 'default'."""

@@ -638,7 +638,8 @@ def status(*, settings: Settings, all_clusters: bool = True) -> list[ClusterStat
         def probe(node: Node, s: Session = s) -> NodeStatus:
             if node.state != "running":
                 return NodeStatus(node, False, error=f"node is {node.state}")
-            r = s.client(node).run(remote.STATUS, timeout=max(5.0, settings.timeout.connect + 5))
+            # One quick try: status reports an unreachable node rather than waiting for it.
+            r = s.client(node).run(remote.STATUS, timeout=max(5.0, settings.timeout.connect + 5), retries=0)
             words = (r.stdout.strip().splitlines() or ["unknown"])[-1].split()
             state = words[0] if words else "unknown"
             code = int(words[1]) if state == "exited" and len(words) > 1 and words[1].lstrip("-").isdigit() else None

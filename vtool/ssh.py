@@ -200,6 +200,7 @@ class SshClient:
         on_line: LineCallback | None = None,
         check: bool = False,
         hold_stdin: bool = False,
+        retries: int | None = None,
     ) -> CommandResult:
         """Run ``command`` (a shell string, already quoted) and return its exit code and output.
 
@@ -220,7 +221,7 @@ class SshClient:
             _raise_for_ssh_error(result.stderr, self.target)
             if not any(f in result.stderr for f in _CONNECT_FAILURES):
                 raise NodeError(_ssh_error_line(result.stderr) or "SSH failed (exit 255)")
-            if attempt >= self.retries:
+            if attempt >= (self.retries if retries is None else retries):
                 raise NodeUnreachable(_ssh_error_line(result.stderr) or "SSH failed (exit 255)")
             attempt += 1
             time.sleep(0.3 * attempt)

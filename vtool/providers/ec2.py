@@ -37,6 +37,16 @@ TAG_LAUNCH = "vtool:launch"
 TAG_BASE = "vtool:index-base"
 TAG_INDEX = "vtool:index"
 LIVE = ["pending", "running", "stopping", "stopped"]
+THROTTLING = {
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "InternalError",
+    "ServiceUnavailable",
+    "Unavailable",
+}
+CAPACITY = {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientReservedInstanceCapacity"}
 
 DEFAULTS: dict[str, Any] = {
     "region": "",  # AWS region ("" = boto3's default: AWS_REGION / AWS_DEFAULT_REGION / ~/.aws/config)
@@ -57,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "min_nodes": 0,  # accept a launch that got at least this many nodes (0 = all or nothing)
     "address": "public",  # which address vtool connects to: public | private
     "wait_running": 600,  # seconds to wait for new instances to be running
+    "api_deadline": 300,  # seconds vtool keeps retrying a throttled or failing RunInstances
 }
 
 
@@ -141,7 +152,7 @@ class Ec2Provider:
         self._owner: str | None = None
 
     # -- API plumbing -----------------------------------------------------------------------
-    def _client(self, service: str) -> Any:
+    def _client(self, service: str, max_attempts: int = 8) -> Any:
         boto3, botocore = _boto()
         if self._session is None:
             try:
@@ -151,7 +162,7 @@ class Ec2Provider:
             except Exception as e:  # ProfileNotFound and the like
                 raise ProviderError(f"AWS session: {e}") from None
         config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": 8}, connect_timeout=10, read_timeout=60
+            retries={"mode": "standard", "total_max_attempts": max_attempts}, connect_timeout=10, read_timeout=60
         )
         try:
             return self._session.client(service, config=config)
@@ -369,25 +380,67 @@ class Ec2Provider:
             if self.cfg["spot_max_price"]:
                 spot["MaxPrice"] = str(self.cfg["spot_max_price"])
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
+        return self._run_with_retries(cluster, entry, params, subnets, progress)
+
+    def _find_launch(self, entry: dict[str, Any]) -> list[str]:
+        found = self._describe(
+            [
+                {"Name": f"tag:{TAG_LAUNCH}", "Values": [entry["launch"]]},
+                {"Name": f"tag:{TAG_OWNER}", "Values": [self.owner()]},
+                {"Name": "instance-state-name", "Values": LIVE},
+            ]
+        )
+        return [i["InstanceId"] for i in found]
+
+    def _run_with_retries(
+        self, cluster: str, entry: dict[str, Any], params: dict[str, Any], subnets: list[str | None], progress: Progress
+    ) -> list[str]:
+        """RunInstances, retried by vtool itself: throttling and server errors with backoff and
+        the same ClientToken (so a retry never doubles the nodes), a lost response by first
+        looking for the launch's instances, a capacity error by moving on to the next subnet."""
         _, botocore = _boto()
-        last: Exception | None = None
-        for subnet in subnets:
+        client = self._client("ec2", max_attempts=1)
+        deadline = time.monotonic() + float(self.cfg["api_deadline"])
+        which, attempt = 0, 0
+        journal = Journal(ClusterPaths(self.home, cluster))
+        while True:
+            subnet = subnets[which]
+            params.pop("SubnetId", None)
             if subnet:
                 params["SubnetId"] = subnet
             try:
-                resp = self.ec2.run_instances(**params)
+                resp = client.run_instances(**params)
                 return [i["InstanceId"] for i in resp["Instances"]]
             except botocore.exceptions.ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "")
-                if code in ("InsufficientInstanceCapacity", "Unsupported") and subnet != subnets[-1]:
-                    progress(f"no capacity in {subnet or 'the default subnet'}: trying the next subnet")
-                    last = e
-                    continue
-                Journal(ClusterPaths(self.home, cluster)).done()  # nothing was made: forget the launch
-                raise _explain(e) from None
-            except botocore.exceptions.BotoCoreError as e:
-                raise _explain(e) from None
-        raise _explain(last or ProviderError("no subnet to launch in"))
+                status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+                if code in CAPACITY:
+                    if which + 1 < len(subnets):
+                        progress(f"no capacity in {subnet or 'the default subnet'}: trying {subnets[which + 1]}")
+                        which += 1
+                        continue
+                    if not self._find_launch(entry):
+                        journal.done()
+                    raise _explain(e) from None
+                if code not in THROTTLING and status < 500:
+                    if not self._find_launch(entry):
+                        journal.done()  # refused: nothing was made, forget the launch
+                    raise _explain(e) from None
+                why = f"{code or status}"
+            except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as e:
+                found = self._find_launch(entry)  # the request may have gone through
+                if found:
+                    return found
+                why = type(e).__name__
+            attempt += 1
+            pause = min(10.0, 0.5 * 2**attempt) * (0.5 + secrets.randbelow(1000) / 2000)
+            if time.monotonic() + pause > deadline:
+                raise ProviderError(
+                    f"RunInstances kept failing ({why}) for {self.cfg['api_deadline']}s; "
+                    f"nothing is lost: run `vtool launch` again to resume launch {entry['launch']}"
+                )
+            progress(f"EC2 answered {why}: retrying in {pause:.1f}s with the same client token")
+            time.sleep(pause)
 
     def _tag_indices(self, cluster: str, ids: Sequence[str], progress: Progress) -> None:
         """Add vtool:index and Name per instance (the index is already derivable from tags)."""

@@ -33,9 +33,12 @@ def node_table(nodes: Any) -> str:
         "n": "how many nodes to add (default 1); launching again adds more",
         "no_inject": "do not send the cluster's current release to the new nodes",
         "ready_timeout": "seconds to wait for each new node to accept SSH (default: timeout.ready)",
+        "no_wait": "return once the nodes exist, without waiting for SSH (inject waits for them)",
+        "keep_unready": "keep nodes that never accept SSH (default: terminate them)",
     },
 )
-def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout=None):
+def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout=None, no_wait=False,
+           keep_unready=False):
     """Add N nodes to the cluster (default 1) and wait until they accept SSH."""
     count = api.check_count(1 if n is None else n)
     overrides = (
@@ -46,7 +49,8 @@ def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout
     settings = settings_from(cluster, profile, **overrides)
     out = Output()
     try:
-        result = api.launch(count, settings=settings, inject=False if no_inject else None, progress=out.progress)
+        result = api.launch(count, settings=settings, inject=False if no_inject else None, progress=out.progress,
+                            wait=not no_wait, keep_unready=keep_unready)
     except KeyboardInterrupt:
         out.done()
         name = settings.cluster

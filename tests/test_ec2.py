@@ -1,0 +1,137 @@
+"""The EC2 provider against a real moto server over HTTP (through a fault-injecting proxy)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from conftest import Aws, wait_for
+
+
+def _sg_rules(aws: Aws, cluster: str) -> list[dict]:  # type: ignore[type-arg]
+    import boto3
+
+    ec2 = boto3.client("ec2", endpoint_url=aws.moto.url, region_name="us-east-1",  # type: ignore[attr-defined]
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    groups = ec2.describe_security_groups(Filters=[{"Name": "tag:vtool:cluster", "Values": [cluster]}])
+    return groups["SecurityGroups"]
+
+
+def _keys(aws: Aws, cluster: str) -> list[dict]:  # type: ignore[type-arg]
+    import boto3
+
+    ec2 = boto3.client("ec2", endpoint_url=aws.moto.url, region_name="us-east-1",  # type: ignore[attr-defined]
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    return ec2.describe_key_pairs(Filters=[{"Name": "tag:vtool:cluster", "Values": [cluster]}])["KeyPairs"]
+
+
+def test_launch_three_in_one_call_tagged_and_locked_down(aws: Aws) -> None:
+    r = aws.env.ok("launch", "3", "--no-wait")
+    assert aws.proxy.counts["RunInstances"] == 1  # type: ignore[attr-defined]
+    insts = aws.instances(vtool__cluster="default")
+    assert len(insts) == 3
+    assert sorted(int(i["TagMap"]["vtool:index"]) for i in insts) == [0, 1, 2]
+    assert {i["TagMap"]["Name"] for i in insts} == {"default-0", "default-1", "default-2"}
+    assert all(i["TagMap"]["vtool:owner"].startswith("arn:aws:") for i in insts)
+    assert len({i["TagMap"]["vtool:launch"] for i in insts}) == 1
+    assert all(i["MetadataOptions"]["HttpTokens"] == "required" for i in insts)
+    assert "3 node(s)" in r.stdout and r.stdout.count(" running ") == 3
+    groups = _sg_rules(aws, "default")
+    assert len(groups) == 1
+    ssh = [p for p in groups[0]["IpPermissions"] if p.get("FromPort") == 22]
+    assert ssh and all(rng["CidrIp"] == "203.0.113.7/32" for p in ssh for rng in p["IpRanges"])
+    assert not any(rng["CidrIp"] == "0.0.0.0/0" for p in groups[0]["IpPermissions"] for rng in p.get("IpRanges", []))
+    inside = [p for p in groups[0]["IpPermissions"] if p.get("IpProtocol") == "-1"]
+    assert inside and inside[0]["UserIdGroupPairs"][0]["GroupId"] == groups[0]["GroupId"]
+    assert len(_keys(aws, "default")) == 1
+
+
+def test_tags_are_the_truth_and_terminate_touches_only_this_cluster(aws: Aws) -> None:
+    aws.env.ok("launch", "3", "--no-wait")
+    aws.env.ok("launch", "1", "--no-wait", "-c", "other")
+    shutil.rmtree(aws.env.vhome)  # the laptop's state is gone
+    doc = json.loads(aws.env.ok("status", "--json", "-c", "default").stdout)
+    assert [n["index"] for n in doc[0]["nodes"]] == [0, 1, 2]
+    assert {c["cluster"] for c in json.loads(aws.env.ok("status", "--json").stdout)} == {"default", "other"}
+    aws.env.ok("launch", "2", "--no-wait")
+    insts = aws.instances(vtool__cluster="default")
+    assert sorted(int(i["TagMap"]["vtool:index"]) for i in insts) == [0, 1, 2, 3, 4]
+    r = aws.env.ok("terminate", "--yes")
+    assert "terminated 5 node(s)" in r.stdout
+    assert {i["State"]["Name"] for i in aws.instances(vtool__cluster="default")} == {"terminated"}
+    assert [i["State"]["Name"] for i in aws.instances(vtool__cluster="other")] == ["running"]
+    assert _sg_rules(aws, "default") == [] and _keys(aws, "default") == []
+    assert len(_sg_rules(aws, "other")) == 1
+    again = aws.env.ok("terminate", "--yes")
+    assert "nothing to terminate" in again.stdout
+
+
+def test_throttling_is_retried_with_the_same_client_token(aws: Aws) -> None:
+    aws.proxy.add("RunInstances", "throttle", times=2)  # type: ignore[attr-defined]
+    r = aws.env.ok("launch", "2", "--no-wait")
+    assert aws.proxy.counts["RunInstances"] == 3  # type: ignore[attr-defined]
+    assert "retrying" in r.stderr and "same client token" in r.stderr
+    assert len(aws.instances(vtool__cluster="default")) == 2
+
+
+def test_a_lost_response_never_doubles_the_nodes(aws: Aws) -> None:
+    aws.proxy.add("RunInstances", "lost")  # type: ignore[attr-defined]
+    aws.env.ok("launch", "3", "--no-wait")
+    assert len(aws.instances(vtool__cluster="default")) == 3
+
+
+def test_instances_not_visible_at_once_are_waited_for(aws: Aws) -> None:
+    aws.proxy.add("DescribeInstances", "not_found", times=2)  # type: ignore[attr-defined]
+    aws.env.ok("launch", "2", "--no-wait")
+    insts = aws.instances(vtool__cluster="default")
+    assert sorted(int(i["TagMap"]["vtool:index"]) for i in insts) == [0, 1]
+
+
+def test_capacity_moves_to_the_next_subnet_then_fails_clearly(aws: Aws) -> None:
+    import boto3
+
+    ec2 = boto3.client("ec2", endpoint_url=aws.moto.url, region_name="us-east-1",  # type: ignore[attr-defined]
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    subnets = [s["SubnetId"] for s in ec2.describe_subnets()["Subnets"]][:2]
+    env = {"VTOOL_EC2_SUBNETS": ",".join(subnets)}
+    aws.proxy.add("RunInstances", "capacity")  # type: ignore[attr-defined]
+    r = aws.env.cli("launch", "2", "--no-wait", extra_env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"no capacity in {subnets[0]}: trying {subnets[1]}" in r.stderr
+    assert {i["SubnetId"] for i in aws.instances(vtool__cluster="default")} == {subnets[1]}
+    aws.proxy.add("RunInstances", "capacity", times=2)  # type: ignore[attr-defined]
+    r = aws.env.cli("launch", "1", "--no-wait", extra_env=env)
+    assert r.returncode == 3
+    assert r.stderr.strip().splitlines()[-1].startswith("vtool: InsufficientInstanceCapacity: AWS has no capacity")
+    assert len(aws.instances(vtool__cluster="default")) == 2
+    assert not (aws.env.vhome / "clusters" / "default" / "journal.json").exists()
+
+
+def test_limits_and_permissions_are_one_line_errors(aws: Aws) -> None:
+    for code, says in (("InstanceLimitExceeded", "instance limit is reached"),
+                       ("UnauthorizedOperation", "may not do this")):
+        aws.proxy.add("RunInstances", "error", code=code, status=400)  # type: ignore[attr-defined]
+        r = aws.env.cli("launch", "1", "--no-wait")
+        assert r.returncode == 3, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"vtool: {code}:") and says in last and "Traceback" not in r.stderr
+    assert aws.instances(vtool__cluster="default") == []
+
+
+def test_end_to_end_on_the_ec2_api_with_real_ssh(backed: Aws) -> None:
+    """Launch on the EC2 API (moto), SSH to real sshd nodes: inject, run, scpgetall, terminate."""
+    env = backed.env
+    r = env.ok("launch", "2")
+    assert "waiting for SSH: 2/2 ready" in r.stderr
+    kh = (env.vhome / "clusters" / "default" / "known_hosts").read_text()
+    assert "vtool-default-0 ssh-ed25519 " in kh and "vtool-default-1 ssh-ed25519 " in kh  # pinned at first contact
+    from conftest import EXAMPLES
+
+    env.ok("inject", str(EXAMPLES / "hello"))
+    r = env.ok("run", "cat ~/.vtool/hosts | wc -l; echo $VTOOL_NODE_INDEX")
+    assert "[1] 1" in r.stdout
+    wait_for(lambda: env.cli("scpgetall", "hello-result.txt", "out/r").returncode == 0)
+    for i in range(2):
+        assert f"node_index={i}\n" in (env.work / "out" / f"r.{i}").read_text()
+    env.ok("terminate", "--yes")
+    assert {i["State"]["Name"] for i in backed.instances(vtool__cluster="default")} == {"terminated"}
