@@ -174,11 +174,14 @@ def aws(venv: Env, moto_server: object, monkeypatch: pytest.MonkeyPatch) -> Iter
     from vtool import plugin_manager
 
     pm = plugin_manager.get()
-    pm.register(vtool_test_backing, name="backing-in-process")
+    mine = not pm.is_registered(vtool_test_backing)  # the entry point may have registered it already
+    if mine:
+        pm.register(vtool_test_backing, name="backing-in-process")
     try:
         yield Aws(moto_server, proxy, venv)
     finally:
-        pm.unregister(name="backing-in-process")
+        if mine:
+            pm.unregister(vtool_test_backing)
         proxy.close()
 
 
