@@ -8,7 +8,9 @@ shared/notes/moto.md). The proxy adds them, per action, on request:
 * ``error``: any code and status;
 * ``lost``: the request reaches moto (instances are made), the response is dropped;
 * ``not_found``: DescribeInstances by id answers ``InvalidInstanceID.NotFound`` (new
-  instances not visible yet).
+  instances not visible yet);
+* ``delay``: the request waits ``seconds`` before it is forwarded (to interrupt vtool at a
+  known point).
 
 It also does what AWS does and moto does not: RunInstances with a ClientToken seen before
 returns the first answer instead of making instances again. It counts every action.
@@ -176,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
                 xml = ERROR_XML.format(code=code, message=f"injected by the test proxy: {fault}").encode()
                 self._send(status, [("Content-Type", "text/xml")], xml)
                 return
+            if fault == "delay":
+                time.sleep(float(rule.get("seconds", 5)))
             if fault == "lost":
                 status, headers, data = self._forward(body)
                 if token and status == 200:

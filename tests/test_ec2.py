@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
+import pytest
 from conftest import Aws, wait_for
 
 
@@ -135,3 +139,78 @@ def test_end_to_end_on_the_ec2_api_with_real_ssh(backed: Aws) -> None:
         assert f"node_index={i}\n" in (env.work / "out" / f"r.{i}").read_text()
     env.ok("terminate", "--yes")
     assert {i["State"]["Name"] for i in backed.instances(vtool__cluster="default")} == {"terminated"}
+
+
+def _interrupt_when(aws: Aws, action: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Start `vtool ARGS`, send SIGINT once ``action`` has reached the (delaying) proxy."""
+    env = aws.env
+    proc = subprocess.Popen([sys.executable, "-m", "vtool", *args], cwd=env.work, env=env.env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: aws.proxy.counts[action] > 0 or proc.poll() is not None)  # type: ignore[attr-defined]
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _tracked(aws: Aws) -> tuple[set[str], set[str]]:
+    """(instance ids that are alive in moto, instance ids `vtool status` lists)."""
+    alive = {i["InstanceId"] for i in aws.instances() if i["State"]["Name"] not in ("terminated", "shutting-down")}
+    doc = json.loads(aws.env.ok("status", "--json").stdout)
+    return alive, {n["id"] for c in doc for n in c["nodes"]}
+
+
+@pytest.mark.parametrize("point", ["before the call", "during the call", "right after it", "while waiting"])
+def test_ctrl_c_never_leaves_an_untracked_instance(aws: Aws, point: str) -> None:
+    action, args = {
+        "before the call": ("DescribeImages", ["launch", "3"]),
+        "during the call": ("RunInstances", ["launch", "3"]),
+        "right after it": ("CreateTags", ["launch", "3"]),
+        "while waiting": ("DescribeInstances", ["launch", "3", "--ready-timeout", "300"]),
+    }[point]
+    if point == "while waiting":
+        aws.proxy.add("CreateTags", "delay", seconds=0)  # type: ignore[attr-defined]
+        aws.proxy.add("DescribeInstances", "delay", times=100, seconds=0)  # type: ignore[attr-defined]
+        proc = subprocess.Popen([sys.executable, "-m", "vtool", *args], cwd=aws.env.work, env=aws.env.env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        seen = ""
+        while "waiting for SSH" not in seen and "instances running" not in seen:
+            line = proc.stderr.readline()
+            assert line, seen
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        r = subprocess.CompletedProcess(args, proc.returncode, "", seen + err)
+    else:
+        aws.proxy.add(action, "delay", seconds=3)  # type: ignore[attr-defined]
+        r = _interrupt_when(aws, action, *args)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and "vtool terminate -c default --yes" in r.stderr
+    if point == "during the call":  # the request went on without us: its instances appear, tagged
+        wait_for(lambda: len(aws.instances(vtool__cluster="default")) == 3)
+    alive, listed = _tracked(aws)
+    assert alive == listed
+    assert len(alive) == (0 if point == "before the call" else 3)
+    # Running launch again resumes an interrupted launch instead of making more instances.
+    again = aws.env.ok("launch", "3", "--no-wait")
+    alive, listed = _tracked(aws)
+    assert alive == listed
+    if point in ("during the call", "right after it"):  # the journal was still open
+        assert "resuming interrupted launch" in again.stderr and len(alive) == 3
+    else:  # nothing made yet, or the launch had completed on EC2's side: a new launch
+        assert len(alive) == (3 if point == "before the call" else 6)
+
+
+def test_unready_nodes_are_terminated_unless_kept(aws: Aws) -> None:
+    r = aws.env.cli("launch", "2", "--ready-timeout", "3")
+    assert r.returncode == 1 and "did not accept SSH within 3s" in r.stderr
+    assert {i["State"]["Name"] for i in aws.instances(vtool__cluster="default")} == {"terminated"}
+    r = aws.env.cli("launch", "1", "--ready-timeout", "3", "--keep-unready")
+    assert "keeping 1 node(s) that never accepted SSH" in r.stderr
+    alive = [i for i in aws.instances(vtool__cluster="default") if i["State"]["Name"] == "running"]
+    assert len(alive) == 1
+    doc = json.loads(aws.env.ok("status", "--json").stdout)
+    node = doc[0]["nodes"][0]
+    assert (node["instance_type"], node["lifecycle"], node["reachable"]) == ("t3.micro", "on-demand", False)
+    assert node["zone"].startswith("us-east-1")

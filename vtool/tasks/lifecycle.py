@@ -37,8 +37,9 @@ def node_table(nodes: Any) -> str:
         "keep_unready": "keep nodes that never accept SSH (default: terminate them)",
     },
 )
-def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout=None, no_wait=False,
-           keep_unready=False):
+def launch(
+    c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout=None, no_wait=False, keep_unready=False
+):
     """Add N nodes to the cluster (default 1) and wait until they accept SSH."""
     count = api.check_count(1 if n is None else n)
     overrides = (
@@ -49,8 +50,14 @@ def launch(c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout
     settings = settings_from(cluster, profile, **overrides)
     out = Output()
     try:
-        result = api.launch(count, settings=settings, inject=False if no_inject else None, progress=out.progress,
-                            wait=not no_wait, keep_unready=keep_unready)
+        result = api.launch(
+            count,
+            settings=settings,
+            inject=False if no_inject else None,
+            progress=out.progress,
+            wait=not no_wait,
+            keep_unready=keep_unready,
+        )
     except KeyboardInterrupt:
         out.done()
         name = settings.cluster
@@ -100,6 +107,7 @@ def status(c, cluster=None, profile=None, json_=False):
                         "launch": ns.launch_state,
                         "exit_code": ns.launch_exit,
                         "error": ns.error,
+                        **{k: v for k, v in ns.node.extra if k != "pid"},
                     }
                     for ns in cs.nodes
                 ],
@@ -114,6 +122,10 @@ def status(c, cluster=None, profile=None, json_=False):
     for cs in clusters:
         print(f"cluster {cs.name} ({cs.provider}), release: {cs.release or 'none injected'}")
         rows = []
+        # Provider facts worth a column (EC2: instance type, zone, spot or on-demand).
+        extra_cols = [
+            k for k in ("instance_type", "zone", "lifecycle") if any(dict(ns.node.extra).get(k) for ns in cs.nodes)
+        ]
         for ns in cs.nodes:
             n = ns.node
             launch_col = ns.launch_state if ns.launch_exit is None else f"{ns.launch_state} {ns.launch_exit}"
@@ -122,13 +134,15 @@ def status(c, cluster=None, profile=None, json_=False):
                     str(n.index),
                     n.id,
                     f"{n.address}:{n.port}",
+                    *[dict(n.extra).get(k, "-") for k in extra_cols],
                     n.state if ns.reachable else f"{n.state} (unreachable)",
                     duration(now - n.launched_at) if n.launched_at else "-",
                     ns.release or "-",
                     launch_col if ns.reachable else "-",
                 ]
             )
-        print(table(rows, ["index", "id", "address", "state", "uptime", "release", "launch script"]))
+        header = ["index", "id", "address", *[c.replace("_", " ") for c in extra_cols], "state", "uptime"]
+        print(table(rows, [*header, "release", "launch script"]))
         print()
 
 
