@@ -275,6 +275,7 @@ def launch(
             f"waiting for SSH: {counter['ready']}/{len(created)} ready" + ("" if r.ok else f" (node {r.index} failed)")
         )
 
+    progress(f"waiting for SSH on {len(created)} node(s) (at most {settings.timeout.ready:g}s)")
     ready = s.fan_out(created, lambda node: wait_ready(s, node, deadline), on_done=ready_done)
     failed = {r.index for r in ready.failed}
     if failed and keep_unready:
