@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import VtoolError
 from .models import GroupResult, Node, NodeResult
-from .ssh import kill_running
+from .ssh import kill_running, stopping
 
 
 def fan_out(
@@ -49,6 +49,7 @@ def fan_out(
 
     if not nodes:
         return GroupResult(())
+    stopping.clear()  # a new operation (an earlier one may have been interrupted, in a program)
     pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(nodes))), thread_name_prefix="vtool-node")
     pending: set[Future[NodeResult]] = set()
     try:

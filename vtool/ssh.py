@@ -24,12 +24,20 @@ LineCallback = Callable[[str, str], None]  # (stream "out"|"err", line without n
 
 _running: set[subprocess.Popen[bytes]] = set()
 _running_lock = threading.Lock()
+stopping = threading.Event()  # set on Ctrl-C: no new ssh client starts until the next command
 
 
 def _track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
     with _running_lock:
         _running.add(proc)
+        if stopping.is_set():  # started just as vtool was interrupted
+            proc.kill()
     return proc
+
+
+def _check_stopping() -> None:
+    if stopping.is_set():
+        raise NodeError("interrupted")
 
 
 def _untrack(proc: subprocess.Popen[bytes]) -> None:
@@ -38,7 +46,9 @@ def _untrack(proc: subprocess.Popen[bytes]) -> None:
 
 
 def kill_running() -> int:
-    """Kill every ssh client vtool started and that is still running (on Ctrl-C)."""
+    """Kill every ssh client vtool started and that is still running (on Ctrl-C), and
+    refuse to start new ones until ``stopping`` is cleared."""
+    stopping.set()
     with _running_lock:
         procs = list(_running)
     for p in procs:
@@ -163,12 +173,29 @@ class SshClient:
                 "ControlPath=none",
             ]
             argv = [self.program, "-F", "/dev/null", *opts, "-T", "--", self.target.host, "true"]
-            r = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout + 30, check=False
+            _check_stopping()
+            proc = _track(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
             )
-            if r.returncode == 255:
-                _raise_for_ssh_error(r.stderr, self.target)
-                raise NodeUnreachable(_ssh_error_line(r.stderr) or "SSH failed (exit 255)")
+            try:
+                _, err_bytes = proc.communicate(timeout=timeout + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise NodeUnreachable("timed out during the first connection") from None
+            finally:
+                _untrack(proc)
+            err = err_bytes.decode(errors="replace")
+            _check_stopping()
+            if proc.returncode == 255:
+                _raise_for_ssh_error(err, self.target)
+                raise NodeUnreachable(_ssh_error_line(err) or "SSH failed (exit 255)")
             try:
                 lines = scratch.read_text().splitlines()
             except FileNotFoundError:
@@ -213,6 +240,7 @@ class SshClient:
         """
         attempt = 0
         while True:
+            _check_stopping()
             if attempt and hasattr(input, "seek"):
                 input.seek(0)  # type: ignore[union-attr]
             result = self._run_once(command, input=input, timeout=timeout, on_line=on_line, hold_stdin=hold_stdin)
