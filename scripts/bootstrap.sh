@@ -23,7 +23,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import vtool, pytest' >/dev/null 2>&1 || [ setup.cfg -nt .venv/.vtool-installed ]; then
+if ! .venv/bin/python -c 'import vtool, pytest, boto3, moto.server' >/dev/null 2>&1 || [ setup.cfg -nt .venv/.vtool-installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[test,dev]'
   touch .venv/.vtool-installed
