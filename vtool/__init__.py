@@ -33,6 +33,8 @@ _API = (
     "logs",
     "status",
     "terminate",
+    "stop",
+    "start",
     "mkpkg",
     "ssh_argv",
     "ssh_config",

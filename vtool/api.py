@@ -732,6 +732,32 @@ def terminate(*, settings: Settings, nodes: str | None = None, progress: Progres
     return results
 
 
+def stop(*, settings: Settings, nodes: str | None = None, progress: Progress = _quiet) -> GroupResult:
+    """Stop the nodes but keep their disks: no compute to pay for; ``start`` brings them back."""
+    s = Session(settings)
+    targets = s.select(s.existing(), nodes)
+    for node in targets:
+        s.client(node).close()
+    return GroupResult(tuple(s.provider.stop(s.cluster, targets, progress)))
+
+
+def start(*, settings: Settings, nodes: str | None = None, progress: Progress = _quiet) -> GroupResult:
+    """Start stopped nodes, wait until they accept SSH, and tell every node the (possibly new)
+    addresses. Indices, tags and the injected release stay."""
+    s = Session(settings)
+    targets = s.select(s.existing(), nodes)
+    started = GroupResult(tuple(s.provider.start(s.cluster, targets, progress)))
+    ok = {r.index for r in started.succeeded}
+    info = s.info()  # fresh addresses
+    fresh = [n for n in info.nodes if n.index in ok]
+    deadline = time.monotonic() + settings.timeout.ready
+    s._clients.clear()
+    ready = s.fan_out(fresh, lambda node: wait_ready(s, node, deadline))
+    _tell_cluster(s, info, [n for n in info.nodes if n.state == "running"], None)
+    failures = {r.index: r for r in [*started.failed, *ready.failed]}
+    return GroupResult(tuple(failures.get(i, NodeResult(i, True)) for i in sorted({n.index for n in targets})))
+
+
 def raise_for_failures(result: GroupResult, what: str) -> None:
     if result.failed:
         idx = ", ".join(str(r.index) for r in result.failed)

@@ -45,5 +45,11 @@ class Provider(Protocol):
     def terminate(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
         """Destroy these nodes and everything running on them; one result per node."""
 
+    def stop(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
+        """Stop these nodes but keep their disks (and index, tags, release); one result each."""
+
+    def start(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
+        """Start stopped nodes again (their addresses may change); one result each."""
+
     def forget(self, cluster: str) -> None:
         """Called when the cluster has no nodes left: remove provider-side leftovers."""

@@ -611,6 +611,45 @@ class Ec2Provider:
         ]
         return sorted(out, key=lambda r: r.index)
 
+    # -- stop and start: keep the disks, stop paying for compute -------------------------------
+    def _wait_state(self, cluster: str, nodes: Sequence[Node], state: str) -> list[NodeResult]:
+        deadline = time.monotonic() + float(self.cfg["wait_running"])
+        left = {n.id for n in nodes}
+        while left and time.monotonic() < deadline:
+            for inst in self._describe([], sorted(left)):
+                if inst["State"]["Name"] == state:
+                    left.discard(inst["InstanceId"])
+            if left:
+                time.sleep(2)
+        return [
+            NodeResult(n.index, n.id not in left, error=None if n.id not in left else f"not {state} in time")
+            for n in nodes
+        ]
+
+    def stop(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
+        mine = {i["InstanceId"] for i in self._ours(cluster)}
+        targets = [n for n in nodes if n.id in mine and n.state != "stopped"]
+        if targets:
+            self.call("stop_instances", InstanceIds=[n.id for n in targets])
+            progress(f"stopping {len(targets)} instance(s)")
+        done = {r.index: r for r in self._wait_state(cluster, targets, "stopped")}
+        return [
+            done.get(n.index, NodeResult(n.index, n.id in mine, error=None if n.id in mine else "not this cluster's"))
+            for n in nodes
+        ]
+
+    def start(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
+        mine = {i["InstanceId"] for i in self._ours(cluster)}
+        targets = [n for n in nodes if n.id in mine and n.state != "running"]
+        if targets:
+            self.call("start_instances", InstanceIds=[n.id for n in targets])
+            progress(f"starting {len(targets)} instance(s)")
+        done = {r.index: r for r in self._wait_state(cluster, targets, "running")}
+        return [
+            done.get(n.index, NodeResult(n.index, n.id in mine, error=None if n.id in mine else "not this cluster's"))
+            for n in nodes
+        ]
+
     def forget(self, cluster: str) -> None:
         """Delete the security group and key pair vtool made for the cluster (retrying while
         AWS still counts them as in use)."""

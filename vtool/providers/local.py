@@ -242,7 +242,7 @@ class LocalProvider:
             port=int(meta["port"]),
             user=str(meta["user"]),
             private_address="127.0.0.1",
-            state="running" if alive else "dead",
+            state="running" if alive else ("stopped" if meta.get("stopped") else "dead"),
             launched_at=float(meta.get("launched_at", 0)),
             extra=(("pid", str(meta.get("pid", ""))),),
         )
@@ -293,9 +293,39 @@ class LocalProvider:
         node_id = f"local-{cluster}-{index}-{token[:8]}"
         alias = f"vtool-{cluster}-{index}"
         pin_host_key(paths, alias, (d / "ssh_host_ed25519_key.pub").read_text().split(" vtool-")[0])
+        launched = time.time()
+        port, pid = self._serve(sshd, d, home, token, screendir)
+        meta = {
+            "index": index,
+            "id": node_id,
+            "port": port,
+            "pid": pid,
+            "user": self.user,
+            "token": token,
+            "launched_at": launched,
+            "cluster": cluster,
+            "screendir": str(screendir),
+        }
+        write_json(d / "node.json", meta)
+        return Node(
+            cluster,
+            index,
+            node_id,
+            NAME,
+            "127.0.0.1",
+            port,
+            self.user,
+            "127.0.0.1",
+            "running",
+            launched,
+            (("pid", str(pid)),),
+        )
+
+    def _serve(self, sshd: str, d: Path, home: Path, token: str, screendir: Path, port: int = 0) -> tuple[int, int]:
+        """Start the node's sshd (on ``port`` if it is still free, else on a new one)."""
         last_error = ""
         for _attempt in range(8):
-            port = _free_port()
+            port = port or _free_port()
             self._write_config(d, port, home, token, screendir)
             log = d / "sshd.log"
             pidfile = d / "sshd.pid"
@@ -311,40 +341,54 @@ class LocalProvider:
             )
             pid = self._wait_listening(proc, port, pidfile)
             if pid:
-                write_json(
-                    d / "node.json",
-                    {
-                        "index": index,
-                        "id": node_id,
-                        "port": port,
-                        "pid": pid,
-                        "user": self.user,
-                        "token": token,
-                        "launched_at": time.time(),
-                        "cluster": cluster,
-                        "screendir": str(screendir),
-                    },
-                )
-                return Node(
-                    cluster,
-                    index,
-                    node_id,
-                    NAME,
-                    "127.0.0.1",
-                    port,
-                    self.user,
-                    "127.0.0.1",
-                    "running",
-                    time.time(),
-                    (("pid", str(pid)),),
-                )
+                return port, pid
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             last_error = (err + (log.read_text(errors="replace") if log.exists() else "")).strip()
             if "Bind" not in last_error and "bind" not in last_error and "Address already in use" not in last_error:
                 break
+            port = 0
         raise ProviderError(
-            f"node {index}: sshd did not start: {last_error.splitlines()[-1] if last_error else 'no output'}"
+            f"node {d.name}: sshd did not start: {last_error.splitlines()[-1] if last_error else 'no output'}"
         )
+
+    # -- stop and start: keep the node's files, stop its processes --------------------------
+    def stop(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
+        paths = ClusterPaths(self.home, cluster)
+        out = []
+        for node in nodes:
+            d = paths.nodes / str(node.index)
+            meta = read_json(d / "node.json", {}) or {}
+            pid = int(meta.get("pid", 0) or 0)
+            sshd_pid = pid if _is_node_sshd(pid, d / "sshd_config") else None
+            survivors = _kill_all(node_processes(sshd_pid, str(meta.get("token", ""))))
+            if survivors:
+                out.append(NodeResult(node.index, False, error=f"processes {survivors} did not stop"))
+                continue
+            meta.update(stopped=True, pid=0)
+            write_json(d / "node.json", meta)
+            progress(f"node {node.index}: stopped")
+            out.append(NodeResult(node.index, True))
+        return out
+
+    def start(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
+        sshd = self._sshd()
+        paths = ClusterPaths(self.home, cluster)
+        out = []
+        for node in nodes:
+            d = paths.nodes / str(node.index)
+            meta = read_json(d / "node.json", {}) or {}
+            if node.state == "running":
+                out.append(NodeResult(node.index, True))
+                continue
+            home = d / "home"
+            screendir = Path(meta.get("screendir") or _screen_dir(home, str(meta["token"])))
+            ensure_private_dir(screendir)
+            port, pid = self._serve(sshd, d, home, str(meta["token"]), screendir, port=int(meta.get("port", 0)))
+            meta.update(stopped=False, pid=pid, port=port)
+            write_json(d / "node.json", meta)
+            progress(f"node {node.index}: started on 127.0.0.1:{port}")
+            out.append(NodeResult(node.index, True))
+        return out
 
     def _write_config(self, d: Path, port: int, home: Path, token: str, screendir: Path) -> None:
         lines = [

@@ -54,6 +54,8 @@ def collection() -> VtoolCollection:
         lifecycle.status,
         remote.ssh_config,
         deploy.mkpkg,
+        lifecycle.stop,
+        lifecycle.start,
     ):
         ns.add_task(t)
     for extra in plugin_manager.extra_tasks(plugin_manager.get()):
