@@ -212,3 +212,11 @@ def test_unready_nodes_are_terminated_unless_kept(aws: Aws) -> None:
     node = doc[0]["nodes"][0]
     assert (node["instance_type"], node["lifecycle"], node["reachable"]) == ("t3.micro", "on-demand", False)
     assert node["zone"].startswith("us-east-1")
+
+
+def test_spot_and_settings_reach_run_instances(aws: Aws) -> None:
+    aws.env.ok("launch", "1", "--no-wait", "--spot", extra_env={"VTOOL_EC2_INSTANCE_TYPE": "c5.large"})
+    (inst,) = aws.instances(vtool__cluster="default")
+    assert inst["InstanceType"] == "c5.large" and inst.get("InstanceLifecycle") == "spot"
+    doc = json.loads(aws.env.ok("status", "--json").stdout)
+    assert doc[0]["nodes"][0]["lifecycle"] == "spot"

@@ -35,18 +35,27 @@ def node_table(nodes: Any) -> str:
         "ready_timeout": "seconds to wait for each new node to accept SSH (default: timeout.ready)",
         "no_wait": "return once the nodes exist, without waiting for SSH (inject waits for them)",
         "keep_unready": "keep nodes that never accept SSH (default: terminate them)",
+        "spot": "EC2: ask for spot instances (see ec2.spot_max_price)",
     },
 )
 def launch(
-    c, n=None, cluster=None, profile=None, no_inject=False, ready_timeout=None, no_wait=False, keep_unready=False
+    c,
+    n=None,
+    cluster=None,
+    profile=None,
+    no_inject=False,
+    ready_timeout=None,
+    no_wait=False,
+    keep_unready=False,
+    spot=False,
 ):
     """Add N nodes to the cluster (default 1) and wait until they accept SSH."""
     count = api.check_count(1 if n is None else n)
-    overrides = (
-        {"timeout": {"ready": int(number(ready_timeout, "--ready-timeout", minimum=1))}}
-        if ready_timeout is not None
-        else {}
-    )
+    overrides: dict[str, Any] = {}
+    if ready_timeout is not None:
+        overrides["timeout"] = {"ready": int(number(ready_timeout, "--ready-timeout", minimum=1))}
+    if spot:
+        overrides["ec2"] = {"spot": True}
     settings = settings_from(cluster, profile, **overrides)
     out = Output()
     try:
