@@ -220,3 +220,42 @@ def test_spot_and_settings_reach_run_instances(aws: Aws) -> None:
     assert inst["InstanceType"] == "c5.large" and inst.get("InstanceLifecycle") == "spot"
     doc = json.loads(aws.env.ok("status", "--json").stdout)
     assert doc[0]["nodes"][0]["lifecycle"] == "spot"
+
+
+def test_credentials_never_reach_disk_or_nodes(backed: Aws) -> None:
+    canary = "vtool-canary-SECRET-3f9a1c"
+    env = backed.env
+    env.env["AWS_SECRET_ACCESS_KEY"] = canary  # moto accepts any secret
+    env.ok("launch", "2", "--no-wait")
+    from conftest import EXAMPLES
+
+    env.ok("inject", str(EXAMPLES / "hello"))  # waits for the --no-wait nodes itself
+    env.ok("run", "env > env.txt")
+    leaks = []
+    for path in env.vhome.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if canary.encode() in path.read_bytes():
+                    leaks.append(str(path))
+            except OSError:
+                pass
+    assert not leaks, f"the AWS secret was written to {leaks}"
+    assert "AWS_SECRET" not in (env.vhome / "clusters" / "bk-default" / "nodes" / "0" / "home" / "env.txt").read_text()
+
+
+def test_a_changed_host_key_is_refused(backed: Aws) -> None:
+    env = backed.env
+    env.ok("launch", "1")
+    kh = env.vhome / "clusters" / "default" / "known_hosts"
+    pinned = kh.read_text()
+    key = env.vhome / "clusters" / "bk-default" / "nodes" / "0" / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(env.root / "other")], check=True)
+    # The instance now presents another host key (as a man in the middle would).
+    shutil.copy(env.root / "other", key)
+    shutil.copy(env.root / "other.pub", key.with_suffix(".pub"))
+    env.ok("stop")  # and start again: the instance comes back with another key
+    r = env.cli("start")
+    assert r.returncode == 1 and "does not match the key pinned for vtool-default-0" in r.stderr
+    r = env.cli("run", "true")
+    assert r.returncode == 1 and "does not match the key pinned for vtool-default-0" in r.stderr
+    assert kh.read_text() == pinned

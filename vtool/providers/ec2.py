@@ -491,15 +491,18 @@ class Ec2Provider:
         return f"vtool-{cluster}-{hashlib.sha256(self.owner().encode()).hexdigest()[:8]}"
 
     def _ensure_key(self, cluster: str, paths: ClusterPaths) -> str:
+        """The EC2 key pair holding this machine's cluster key. Its name carries the key's
+        fingerprint: after ~/.vtool is lost a new key is made, and new nodes get that one."""
         if self.cfg["key_name"]:
             return str(self.cfg["key_name"])
-        name = self._key_name(cluster)
+        material = paths.pubkey.read_bytes()
+        name = f"{self._key_name(cluster)}-{hashlib.sha256(material.split()[1]).hexdigest()[:8]}"
         have = self.call("describe_key_pairs", Filters=[{"Name": "key-name", "Values": [name]}]).get("KeyPairs", [])
         if not have:
             self.call(
                 "import_key_pair",
                 KeyName=name,
-                PublicKeyMaterial=paths.pubkey.read_bytes(),
+                PublicKeyMaterial=material,
                 TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._owned(cluster)}],
             )
         return name
@@ -673,10 +676,15 @@ class Ec2Provider:
                         raise _explain(e) from None
                     time.sleep(5)
         if not self.cfg["key_name"]:
-            keys = self.call("describe_key_pairs", Filters=[{"Name": "key-name", "Values": [name]}]).get("KeyPairs", [])
+            keys = self.call(
+                "describe_key_pairs",
+                Filters=[
+                    {"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]},
+                    {"Name": f"tag:{TAG_OWNER}", "Values": [self.owner()]},
+                ],
+            ).get("KeyPairs", [])
             for k in keys:
-                if _tags(k).get(TAG_OWNER) == self.owner():
-                    self.call("delete_key_pair", KeyName=k["KeyName"])
+                self.call("delete_key_pair", KeyName=k["KeyName"])
 
 
 @hookimpl
