@@ -259,3 +259,40 @@ def test_a_changed_host_key_is_refused(backed: Aws) -> None:
     r = env.cli("run", "true")
     assert r.returncode == 1 and "does not match the key pinned for vtool-default-0" in r.stderr
     assert kh.read_text() == pinned
+
+
+def test_ssh_is_allowed_from_your_own_address_by_default(aws: Aws) -> None:
+    import http.server
+    import threading
+
+    class Me(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = b"198.51.100.23\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Me)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {"VTOOL_EC2_SSH_CIDR": "", "VTOOL_EC2_IP_LOOKUP_URL": f"http://127.0.0.1:{server.server_address[1]}/"}
+        r = aws.env.cli("launch", "1", "--no-wait", extra_env=env)
+    finally:
+        server.shutdown()
+    assert r.returncode == 0, r.stderr
+    assert "allowing SSH from 198.51.100.23/32 (your public address" in r.stderr
+    (group,) = _sg_rules(aws, "default")
+    ssh = [rng["CidrIp"] for p in group["IpPermissions"] if p.get("FromPort") == 22 for rng in p["IpRanges"]]
+    assert ssh == ["198.51.100.23/32"]
+
+
+def test_security_group_still_in_use_is_retried(aws: Aws) -> None:
+    aws.env.ok("launch", "1", "--no-wait")
+    aws.proxy.add("DeleteSecurityGroup", "error", code="DependencyViolation", status=400)  # type: ignore[attr-defined]
+    aws.env.ok("terminate", "--yes")
+    assert aws.proxy.counts["DeleteSecurityGroup"] == 2  # type: ignore[attr-defined]
+    assert _sg_rules(aws, "default") == []

@@ -18,6 +18,7 @@ boto3 is imported lazily: ``vtool --help`` never loads it.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 import time
 import urllib.request
@@ -62,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "spot_max_price": "",  # highest spot price per hour ("" = the on-demand price)
     "iam_instance_profile": "",  # instance profile name to attach
     "ssh_cidr": "",  # who may SSH in ("" = your own public address /32, looked up)
+    "ip_lookup_url": "https://checkip.amazonaws.com",  # answers with your public address (for ssh_cidr)
     "key_name": "",  # use this existing EC2 key pair instead of importing the cluster key
     "key_file": "",  # the private key of key_name
     "min_nodes": 0,  # accept a launch that got at least this many nodes (0 = all or nothing)
@@ -530,9 +532,10 @@ class Ec2Provider:
                 progress(f"warning: ec2.ssh_cidr {cidr} lets the whole internet try to log in over SSH")
             return cidr
         try:
-            with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=5) as r:  # noqa: S310
+            with urllib.request.urlopen(str(self.cfg["ip_lookup_url"]), timeout=5) as r:  # noqa: S310
                 ip = r.read().decode().strip()
-        except OSError:
+            ipaddress.ip_address(ip)
+        except (OSError, ValueError):
             raise ProviderError(
                 "could not find your public address to allow SSH from it; set ec2.ssh_cidr (e.g. 203.0.113.7/32)"
             ) from None
@@ -674,7 +677,7 @@ class Ec2Provider:
                         break
                     if code != "DependencyViolation" or time.monotonic() > deadline:
                         raise _explain(e) from None
-                    time.sleep(5)
+                    time.sleep(2)  # the terminated instances still hold it for a while
         if not self.cfg["key_name"]:
             keys = self.call(
                 "describe_key_pairs",
