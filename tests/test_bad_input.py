@@ -99,7 +99,9 @@ def test_bad_packages(cluster3: Env) -> None:
 def test_unknown_nodes_and_clusters(cluster3: Env) -> None:
     refused(cluster3, "connect", "7", code=4, says="no node 7 in this cluster (nodes: 0,1,2)")
     refused(cluster3, "scpget", "x", "--node", "9", code=4, says="no node 9")
-    refused(cluster3, "run", "true", "--nodes", "1,5-6", code=4, says="no node 5,6")
+    refused(cluster3, "run", "true", "--nodes", "1,5-6", code=4, says="no node 5 in this cluster")
+    refused(cluster3, "run", "true", "--nodes", "0-999999999999", code=4, says="no node 999999999999")
+    refused(cluster3, "scpget", "x", "--node", "1-2", code=2, says="give one node index")
     refused(cluster3, "run", "true", "--nodes", "a-b", code=2, says="invalid node list 'a-b'")
     refused(cluster3, "terminate", "--nodes", "8", "--yes", code=4, says="no node 8")
     refused(cluster3, "run", "true", "--cluster", "nope", code=4, says="no cluster named 'nope' (clusters: default)")
@@ -112,7 +114,7 @@ def test_unknown_nodes_and_clusters(cluster3: Env) -> None:
 
 
 def test_bad_numbers_in_flags(cluster3: Env) -> None:
-    refused(cluster3, "scpget", "x", "--node", "abc", code=2, says="invalid node list 'abc'")
+    refused(cluster3, "scpget", "x", "--node", "abc", code=2, says="give one node index, not 'abc'")
     refused(cluster3, "logs", "--lines", "many", code=2, says="--lines needs a number")
 
 

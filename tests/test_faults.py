@@ -100,10 +100,12 @@ def test_host_keys_are_verified_strictly(cluster3: Env) -> None:
     tampered = [ln for ln in tampered if not ln.startswith("vtool-default-1 ")]  # and node 1 unknown
     kh.write_text("\n".join(tampered) + "\n")
     # Fresh connections only: close the shared ones.
-    for i in range(3):
-        subprocess.run(["ssh", "-o", f"ControlPath={_control_dir(cluster3)}/%C", "-O", "exit", "-p",
-                        str(cluster3.node_meta(i)["port"]), f"{cluster3.node_meta(i)['user']}@127.0.0.1"],
-                       capture_output=True, check=False)
+    import vtool
+    from vtool import api
+
+    session = api.Session(vtool.settings())
+    for node in session.info().nodes:
+        session.client(node).close()
     r = cluster3.cli("run", "echo ok-$VTOOL_NODE_INDEX")
     assert r.returncode == 1
     assert "[2] ok-2" in r.stdout and "ok-0" not in r.stdout and "ok-1" not in r.stdout

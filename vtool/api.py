@@ -11,6 +11,7 @@ to an optional callback, remote output to an optional line callback.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import shutil
@@ -58,6 +59,7 @@ from .state import (
     check_private_key,
     control_dir,
     list_cluster_names,
+    locked,
     pin_host_key,
     pinned_aliases,
 )
@@ -163,6 +165,11 @@ class Session:
                     connect_timeout=s.timeout.connect,
                     kex=s.ssh.kex,
                     control_dir=control_dir(s.home),
+                    # One shared connection per node *identity*: a leftover connection to a
+                    # dead node is never reused for another node at the same address and port.
+                    control_name=hashlib.sha256(
+                        f"{node.host_key_alias}\0{node.id}\0{target.host}\0{target.port}\0{target.user}".encode()
+                    ).hexdigest()[:32],
                 )
                 self._clients[node.index] = c
             return c
@@ -253,15 +260,17 @@ def launch(
     n = check_count(count)
     s = Session(settings)
     s.provider.check()
-    before = s.provider.nodes(s.cluster)
-    start = max([s.cache.next_index()] + [x.index + 1 for x in before])
-    indices = list(range(start, start + n))
     s.paths.create()
-    s.cache.update(provider=s.provider.name, next_index=start + n)
-    progress(
-        f"launching {n} node{'s' * (n != 1)} ({indices[0]}-{indices[-1]}) on {s.provider.name} for cluster {s.cluster!r}"
-    )
-    created = s.provider.launch(s.cluster, indices, progress, wait=wait)
+    with locked(s.paths.root / ".launch.lock"):  # two launches at once get distinct indices
+        before = s.provider.nodes(s.cluster)
+        start = max([s.cache.next_index()] + [x.index + 1 for x in before])
+        indices = list(range(start, start + n))
+        s.cache.update(provider=s.provider.name, next_index=start + n)
+        progress(
+            f"launching {n} node{'s' * (n != 1)} ({indices[0]}-{indices[-1]}) on {s.provider.name} "
+            f"for cluster {s.cluster!r}"
+        )
+        created = s.provider.launch(s.cluster, indices, progress, wait=wait)
     if not wait:
         return LaunchResult(s.info(), tuple(created), GroupResult(tuple(NodeResult(x.index, True) for x in created)))
 
@@ -515,21 +524,36 @@ def _check_remote(remote_path: str) -> str:
 
 def _fetch(s: Session, node: Node, remote_path: str, dest: Path, recursive: bool) -> FetchReport:
     client = s.client(node)
-    proc = client.popen_stdout(remote.fetch(remote_path, recursive))
+    stream = client.popen_stdout(remote.fetch(remote_path, recursive))
+    limit = s.settings.timeout.transfer
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        stream.proc.kill()
+
+    timer = threading.Timer(limit, expire) if limit else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    report = None
+    error: VtoolError | None = None
     try:
-        assert proc.stdout is not None
-        report = None
-        error: VtoolError | None = None
         try:
-            report = extract_stream(proc.stdout, dest, recursive=recursive)
+            report = extract_stream(stream.stdout, dest, recursive=recursive)
         except VtoolError as e:
             error = e
-        proc.stdout.close()
+        except OSError as e:  # the local side: a full disk, too many files, a name in the way
+            error = NodeError(f"cannot write {dest}: {e.strerror or e}")
     except BaseException:
-        proc.kill()
-        client.finish_stream(proc)
+        client.finish_stream(stream, abort=True)
         raise
-    result = client.finish_stream(proc)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    result = client.finish_stream(stream, abort=error is not None)
+    if timed_out.is_set():
+        raise NodeError(f"timed out after {limit:g}s")
     if result.exit_code in (44, 45):
         raise NodeError(result.stderr.strip().splitlines()[-1])
     if error is not None:
@@ -542,6 +566,13 @@ def _fetch(s: Session, node: Node, remote_path: str, dest: Path, recursive: bool
     return report
 
 
+def _one(s: Session, info: ClusterInfo, index: int | str) -> Node:
+    """Exactly one node, by index."""
+    if not str(index).strip().isdigit():
+        raise UsageError(f"give one node index, not {str(index)!r}")
+    return s.select(info, str(index).strip())[0]
+
+
 def get(
     remote_path: str, local: str | None = None, *, settings: Settings, node: int | str = 0, recursive: bool = False
 ) -> FetchReport:
@@ -549,7 +580,7 @@ def get(
     _check_remote(remote_path)
     s = Session(settings)
     info = s.existing()
-    target = s.select(info, str(node))[0]
+    target = _one(s, info, node)
     dest = _local_target(remote_path, local, None)
     return _fetch(s, target, remote_path, dest, recursive)
 
@@ -657,7 +688,7 @@ def ssh_argv(index: int | str = 0, *, settings: Settings, command: str | None = 
     """The OpenSSH command line for an interactive shell on one node (``connect``)."""
     s = Session(settings)
     info = s.existing()
-    node = s.select(info, str(index))[0]
+    node = _one(s, info, index)
     if node.state != "running":
         raise NodeNotFound(f"node {node.index} of cluster {s.cluster!r} is {node.state}")
     return s.client(node).argv(command, tty=True)

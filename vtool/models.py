@@ -13,7 +13,7 @@ CLUSTER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
 
 def check_cluster_name(name: str) -> str:
     """Return ``name`` if it is a valid cluster name, else raise ConfigError."""
-    if not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
+    if not isinstance(name, str) or not CLUSTER_NAME_RE.fullmatch(name):
         raise ConfigError(
             f"invalid cluster name {name!r}: use a lower-case letter, then up to 40 lower-case letters, digits or '-'"
         )
@@ -171,6 +171,12 @@ def parse_node_spec(spec: str | None, existing: list[int]) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise UsageError(f"invalid node range {part!r}: {hi} is smaller than {lo}")
+        top = max(existing, default=-1)
+        if hi > top:  # checked before the range is built: `0-999999999999` is refused at once
+            from .errors import NodeNotFound
+
+            have = ",".join(str(i) for i in sorted(existing)) or "none"
+            raise NodeNotFound(f"no node {hi if lo <= top else lo} in this cluster (nodes: {have})")
         wanted.update(range(lo, hi + 1))
     missing = sorted(wanted - set(existing))
     if missing:

@@ -37,7 +37,7 @@ class Entry:
 
 
 def check_name(name: str, source: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ConfigError(
             f"{source}: package name {name!r} must start with a letter, digit or '_' and use only "
             "letters, digits and . _ + -"
@@ -151,6 +151,15 @@ def find_launcher(root: Path) -> str:
     raise ConfigError(f"{root} has no launch script: add an executable file named vtool-launch (or vcloud-launch)")
 
 
+def _check_shipped(root: Path, entries: list[Entry], launcher: str) -> None:
+    """The launch script must be shipped, as a regular executable file."""
+    entry = next((e for e in entries if e.path == launcher), None)
+    if entry is None:
+        raise ConfigError(f"{root / launcher} is excluded by a .gitignore: it would not reach the nodes")
+    if entry.kind != "file" or not entry.executable:
+        raise ConfigError(f"{root / launcher} must be a regular executable file, not a {entry.kind}")
+
+
 def content_hash(root: Path, entries: list[Entry]) -> str:
     """sha256 over (kind, path, executable bit, link target, file bytes): mtimes and owners
     do not change it, so an unchanged package is recognised on the nodes."""
@@ -254,6 +263,7 @@ def build_release(source: str | Path, store: Path) -> Release:
         launcher = find_launcher(src)
         name = check_name(src.resolve().name, str(source))
         entries = select_files(src)
+        _check_shipped(src, entries, launcher)
         digest = content_hash(src, entries)
         store.mkdir(parents=True, exist_ok=True, mode=0o700)
         dest = store / f"{name}-{digest[:12]}.tar.gz"
@@ -281,7 +291,7 @@ def make_package(folder: str | Path, output: str | Path | None = None) -> Path:
     src = Path(folder).expanduser()
     if not src.is_dir():
         raise ConfigError(f"{folder}: no such folder")
-    find_launcher(src)
+    launcher = find_launcher(src)
     name = check_name(src.resolve().name, str(folder))
     dest = Path(output).expanduser() if output else Path.cwd() / f"{name}.tar.gz"
     if dest.is_dir() or str(output or "").endswith("/"):
@@ -292,6 +302,7 @@ def make_package(folder: str | Path, output: str | Path | None = None) -> Path:
         raise ConfigError(f"{dest}: write the package outside the folder it packs")
     dest.parent.mkdir(parents=True, exist_ok=True)
     entries = select_files(src)
+    _check_shipped(src, entries, launcher)
     write_tarball(src, name, entries, dest, level=6)
     os.chmod(dest, 0o644)
     return dest

@@ -37,8 +37,8 @@ cmd=$(cat "$run/command")
 
 def _write_file(path: str, content: str, mode: str = "644") -> str:
     return (
-        f'printf %s {q(content)} > "{path}.vtool-tmp" && chmod {mode} "{path}.vtool-tmp" && '
-        f'mv -f "{path}.vtool-tmp" "{path}"'
+        f'printf %s {q(content)} > "{path}.vtool-tmp.$$" && chmod {mode} "{path}.vtool-tmp.$$" && '
+        f'mv -f "{path}.vtool-tmp.$$" "{path}"'
     )
 
 
@@ -98,7 +98,8 @@ def install(release: Release) -> str:
             "trap 'rm -rf \"$tmp\"' EXIT",
             f'tar -x {flag} -f - -C "$tmp" --no-same-owner',
             f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}',
-            f'mv "$tmp/"{q(release.name)} "$rel"',
+            # Another inject may have unpacked the same release meanwhile: that is as good.
+            f'mv -T "$tmp/"{q(release.name)} "$rel" 2>/dev/null || [ -d "$rel" ]',
         ]
     )
 
@@ -120,14 +121,14 @@ def start(release: Release, launch_command: str, use_screen: bool) -> str:
             f'rel="$HOME/.vtool/releases/"{q(release.dirname)}',
             f'link="$HOME/"{name}',
             f'if [ -e "$link" ] && [ ! -L "$link" ]; then echo "~/"{name}" exists and is not a vtool release link: move it away" >&2; exit 3; fi',
-            f'ln -sfn "$rel" "$HOME/."{name}".vtool-tmp"',
-            f'mv -Tf "$HOME/."{name}".vtool-tmp" "$link"',
+            f'ln -sfn "$rel" "$HOME/."{name}".vtool-tmp.$$"',
+            f'mv -Tf "$HOME/."{name}".vtool-tmp.$$" "$link"',
             'run="$HOME/.vtool/runs/$(date +%Y%m%d-%H%M%S)-$$"',
             'mkdir -p "$run"',
             f'printf %s {q(release.dirname)} > "$run/release"',
             f'printf %s {q(launch_command)} > "$run/command"',
-            'ln -sfn "$run" "$HOME/.vtool/.current.vtool-tmp"',
-            'mv -Tf "$HOME/.vtool/.current.vtool-tmp" "$HOME/.vtool/current"',
+            'ln -sfn "$run" "$HOME/.vtool/.current.vtool-tmp.$$"',
+            'mv -Tf "$HOME/.vtool/.current.vtool-tmp.$$" "$HOME/.vtool/current"',
             screen,
             'setsid "$HOME/.vtool/bin/vtool-run" "$run" "$rel" </dev/null >/dev/null 2>&1 &',
             "echo detached",

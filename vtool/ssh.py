@@ -73,7 +73,13 @@ _CONNECT_FAILURES = (
 
 
 def ssh_options(
-    target: SshTarget, *, persist: int, connect_timeout: float, kex: str, control_dir: Path | None
+    target: SshTarget,
+    *,
+    persist: int,
+    connect_timeout: float,
+    kex: str,
+    control_dir: Path | None,
+    control_name: str = "%C",
 ) -> list[str]:
     """The ``-o`` options every vtool connection uses."""
     opts = {
@@ -99,7 +105,9 @@ def ssh_options(
     if kex:
         opts["KexAlgorithms"] = kex
     if control_dir is not None:
-        opts.update(ControlMaster="auto", ControlPath=str(control_dir / "%C"), ControlPersist=str(max(1, persist)))
+        opts.update(
+            ControlMaster="auto", ControlPath=str(control_dir / control_name), ControlPersist=str(max(1, persist))
+        )
     if target.proxy_jump:
         opts["ProxyJump"] = target.proxy_jump
     out: list[str] = []
@@ -120,6 +128,7 @@ class SshClient:
         connect_timeout: float = 10,
         kex: str = "",
         control_dir: Path | None = None,
+        control_name: str = "%C",
         retries: int = 2,
     ) -> None:
         self.target = target
@@ -127,11 +136,18 @@ class SshClient:
         self.control_dir = control_dir
         self.retries = retries
         self.options = ssh_options(
-            target, persist=persist, connect_timeout=connect_timeout, kex=kex, control_dir=control_dir
+            target,
+            persist=persist,
+            connect_timeout=connect_timeout,
+            kex=kex,
+            control_dir=control_dir,
+            control_name=control_name,
         )
 
-    def argv(self, command: str | None = None, *, tty: bool = False) -> list[str]:
+    def argv(self, command: str | None = None, *, tty: bool = False, log: str | None = None) -> list[str]:
         args = [self.program, "-F", "/dev/null", *self.options]
+        if log is not None:  # ssh's own messages, kept apart from the remote command's stderr
+            args += ["-E", log]
         if tty:
             args.append("-tt" if command else "-t")
         else:
@@ -243,14 +259,14 @@ class SshClient:
             _check_stopping()
             if attempt and hasattr(input, "seek"):
                 input.seek(0)  # type: ignore[union-attr]
-            result = self._run_once(command, input=input, timeout=timeout, on_line=on_line, hold_stdin=hold_stdin)
-            if result.exit_code != 255:
-                break
-            _raise_for_ssh_error(result.stderr, self.target)
-            if not any(f in result.stderr for f in _CONNECT_FAILURES):
-                raise NodeError(_ssh_error_line(result.stderr) or "SSH failed (exit 255)")
+            result, log = self._run_once(command, input=input, timeout=timeout, on_line=on_line, hold_stdin=hold_stdin)
+            if result.exit_code != 255 or not log.strip():
+                break  # the remote command's own exit code, 255 included: never retried
+            _raise_for_ssh_error(log, self.target)
+            if not any(f in log for f in _CONNECT_FAILURES):
+                raise NodeError(_ssh_error_line(log) or "SSH failed (exit 255)")
             if attempt >= (self.retries if retries is None else retries):
-                raise NodeUnreachable(_ssh_error_line(result.stderr) or "SSH failed (exit 255)")
+                raise NodeUnreachable(_ssh_error_line(log) or "SSH failed (exit 255)")
             attempt += 1
             time.sleep(0.3 * attempt)
         if check and result.exit_code != 0:
@@ -265,12 +281,13 @@ class SshClient:
         timeout: float | None,
         on_line: LineCallback | None,
         hold_stdin: bool = False,
-    ) -> CommandResult:
+    ) -> tuple[CommandResult, str]:
         pass_file = input is not None and not isinstance(input, (bytes, bytearray))
         piped = input is not None or hold_stdin
+        log = self._log_file()
         proc = _track(
             subprocess.Popen(
-                self.argv(command),
+                self.argv(command, log=log),
                 stdin=input if pass_file else (subprocess.PIPE if piped else subprocess.DEVNULL),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -278,11 +295,19 @@ class SshClient:
             )
         )
         try:
-            return self._wait(proc, input, pass_file, timeout, on_line)
+            return self._wait(proc, input, pass_file, timeout, on_line), _read_log(log)
         finally:
             if hold_stdin and proc.stdin is not None:
                 proc.stdin.close()
             _untrack(proc)
+            Path(log).unlink(missing_ok=True)
+
+    def _log_file(self) -> str:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="vtool-ssh-", suffix=".log", dir=self.control_dir)
+        os.close(fd)
+        return path
 
     def _wait(
         self,
@@ -296,11 +321,15 @@ class SshClient:
         err: list[str] = []
 
         def pump(stream: IO[bytes], sink: list[str], name: str) -> None:
+            callback = on_line
             for raw in iter(stream.readline, b""):
                 line = raw.decode(errors="replace")
                 sink.append(line)
-                if on_line is not None:
-                    on_line(name, line.rstrip("\n"))
+                if callback is not None:
+                    try:
+                        callback(name, line.rstrip("\n"))
+                    except OSError:  # the reader went away (`vtool run ... | head`): keep draining
+                        callback = None
             stream.close()
 
         threads = [
@@ -336,29 +365,78 @@ class SshClient:
             t.join()
         return CommandResult(rc, "".join(out), "".join(err))
 
-    def popen_stdout(self, command: str) -> subprocess.Popen[bytes]:
-        """Start ``command`` and give its stdout as a pipe (for streams such as a tar archive)."""
-        return _track(
+    def popen_stdout(self, command: str) -> Stream:
+        """Start ``command`` and give its stdout as a pipe (for streams such as a tar archive).
+        Its stderr is drained at the same time, so a chatty command cannot stall the stream."""
+        log = self._log_file()
+        proc = _track(
             subprocess.Popen(
-                self.argv(command),
+                self.argv(command, log=log),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
             )
         )
+        return Stream(proc, log)
 
-    def finish_stream(self, proc: subprocess.Popen[bytes]) -> CommandResult:
-        """Wait for a process from popen_stdout; its stdout must have been read."""
+    def finish_stream(self, stream: Stream, *, abort: bool = False) -> CommandResult:
+        """End a stream from popen_stdout. With ``abort``, stop it first: the read end is
+        closed so the remote side gets a broken pipe, then the client is killed; this never
+        waits for a remote command that will not finish."""
+        proc = stream.proc
         try:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            rc = proc.wait()
+            if abort:
+                if proc.stdout is not None:
+                    proc.stdout.close()
+                proc.kill()
+            try:
+                rc = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+            stream.drainer.join(5 if abort else 30)
         finally:
             _untrack(proc)
-        if rc == 255:
-            _raise_for_ssh_error(err, self.target)
-            raise NodeError(_ssh_error_line(err) or "SSH failed (exit 255)")
+            log = _read_log(stream.log)
+            Path(stream.log).unlink(missing_ok=True)
+        err = b"".join(stream.err).decode(errors="replace")
+        if rc == 255 and log.strip():
+            _raise_for_ssh_error(log, self.target)
+            raise NodeError(_ssh_error_line(log) or "SSH failed (exit 255)")
         return CommandResult(rc, "", err)
+
+
+class Stream:
+    """A running ``ssh`` whose stdout the caller reads; stderr is collected meanwhile."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: str) -> None:
+        self.proc = proc
+        self.log = log
+        self.err: list[bytes] = []
+        self.drainer = threading.Thread(target=self._drain, daemon=True)
+        self.drainer.start()
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        kept = 0
+        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):  # type: ignore[union-attr,attr-defined]
+            if kept < 1 << 20:  # keep the first MiB; read (and drop) the rest
+                self.err.append(chunk)
+                kept += len(chunk)
+        self.proc.stderr.close()  # type: ignore[union-attr]
+
+
+def _read_log(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _ssh_error_line(stderr: str) -> str:

@@ -16,6 +16,7 @@ The provider stays the source of truth for which nodes exist; this is a cache.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -24,6 +25,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,18 @@ class ClusterPaths:
         if not self.known_hosts.exists():
             write_private(self.known_hosts, "")
         return self
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block: vtool
+    commands running at once on one cluster take turns for what must not interleave."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def list_cluster_names(home: Path) -> list[str]:
@@ -202,10 +216,11 @@ class ClusterCache:
         return data if isinstance(data, dict) else {}
 
     def update(self, **changes: Any) -> None:
-        data = self.load()
-        data.update(changes)
         self.paths.create()
-        write_json(self.paths.state_file, data)
+        with locked(self.paths.root / ".state.lock"):
+            data = self.load()
+            data.update(changes)
+            write_json(self.paths.state_file, data)
 
     def release(self) -> Release | None:
         r = self.load().get("release")

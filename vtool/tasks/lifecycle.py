@@ -176,7 +176,10 @@ def terminate(c, cluster=None, profile=None, nodes=None, yes=False):
         what = f"{len(targets)} node(s) ({', '.join(str(t.index) for t in targets)}) of cluster {settings.cluster!r}"
         if not sys.stdin.isatty():
             raise UsageError(f"not on a terminal: add --yes to terminate {what}")
-        answer = input(f"Terminate {what}? [y/N] ").strip().lower()
+        try:
+            answer = input(f"Terminate {what}? [y/N] ").strip().lower()
+        except EOFError:
+            answer = ""
         if answer not in ("y", "yes"):
             print("nothing terminated")
             return

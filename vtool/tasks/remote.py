@@ -7,6 +7,7 @@ import subprocess
 from invoke import Exit
 
 from .. import api
+from ..errors import UsageError
 from ._common import Output, number, table, vtool_task
 from .lifecycle import settings_from
 
@@ -78,7 +79,10 @@ def ssh_config(c, cluster=None, profile=None, output=None):
     settings = settings_from(cluster, profile)
     text = api.ssh_config(settings=settings)
     if output:
-        with open(output, "w") as f:
-            f.write(text)
+        try:
+            with open(output, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise UsageError(f"cannot write {output}: {e.strerror}") from None
     else:
         print(text, end="")
