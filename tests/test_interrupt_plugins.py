@@ -120,7 +120,7 @@ def test_timeout_and_ctrl_c_stop_the_remote_command(cluster3: Env) -> None:
     assert proc.stdout is not None
     for _ in range(3):
         assert "started" in proc.stdout.readline()
-    assert len(_sleepers(cluster3, "sleep 78")) == 3
+    wait_for(lambda: len(_sleepers(cluster3, "sleep 78")) == 3)  # "started" is printed just before the sleep
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
     assert proc.returncode == 130

@@ -48,11 +48,13 @@ def _python_for(user: str, env: dict[str, str], lib: Path) -> str | None:
 def test_ordinary_user_launch_run_fetch_terminate() -> None:
     if shutil.which("runuser") is None or shutil.which("useradd") is None:
         pytest.skip("runuser/useradd not available")
+    created = False
     try:
         pw = pwd.getpwnam(USER)
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", USER], check=True)
         pw = pwd.getpwnam(USER)
+        created = True
     import tempfile
 
     base = Path(tempfile.mkdtemp(prefix="vtool-user-test-", dir="/tmp"))  # pytest's tmp is private to root
@@ -95,4 +97,6 @@ def test_ordinary_user_launch_run_fetch_terminate() -> None:
     finally:
         survivors = stop_all_nodes(base / "vh")
         shutil.rmtree(base, ignore_errors=True)
+        if created:  # leave the machine's users as they were
+            subprocess.run(["userdel", "--remove", USER], capture_output=True, check=False)
         assert not survivors

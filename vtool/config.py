@@ -271,6 +271,22 @@ def _from_tree(tree: dict[str, Any], sources: tuple[str, ...]) -> Settings:
     )
 
 
+# Settings naming a program vtool runs: a project's ./vtool.yaml (which arrives with a
+# downloaded project) may not set them; ~/.vtool.yaml, /etc/vtool.yaml and VTOOL_* may.
+_PROGRAMS = (("ssh", "program"), ("local", "sshd"))
+
+
+def _refuse_programs(data: Mapping[str, Any], where: str) -> None:
+    trees = [("", data)] + [(f"profiles.{k}.", v) for k, v in (data.get("profiles") or {}).items()]
+    for prefix, tree in trees:
+        for section, key in _PROGRAMS:
+            if isinstance(tree.get(section), Mapping) and key in tree[section]:
+                raise ConfigError(
+                    f"{where}: {prefix}{section}.{key} names a program to run; a project's vtool.yaml may not set "
+                    f"it (use ~/.vtool.yaml or VTOOL_{section.upper()}_{key.upper()})"
+                )
+
+
 def load_settings(
     *,
     cluster: str | None = None,
@@ -302,6 +318,8 @@ def load_settings(
         path = getattr(cfg, f"_{level}_path")
         if path:
             check_tree(data, schema, str(path), allow=invoke_keys)
+            if level == "project":
+                _refuse_programs(data, str(path))
             levels.append((str(path), data))
     cfg.merge()
     cfg.load_shell_env()
@@ -320,7 +338,9 @@ def load_settings(
                 f"unknown profile {chosen!r} (profiles: {names}); define it under `profiles:` in vtool.yaml"
             )
         tree = _merge(tree, profiles[chosen])
-    tree = _merge(tree, {k: v for k, v in env.items() if k not in invoke_keys})
+    env_tree = {k: v for k, v in env.items() if k not in invoke_keys}
+    check_tree(env_tree, schema, "environment (VTOOL_*)")  # e.g. a negative timeout
+    tree = _merge(tree, env_tree)
     if overrides:
         check_tree(overrides, schema, "command line")
         tree = _merge(tree, overrides)

@@ -43,11 +43,13 @@ class _Writer:
         """An fd for dest/parts..., creating folders, never following a symlink."""
         if parts in self._dirs:
             return self._dirs[parts]
+        if len(self._dirs) >= 64:  # a deep or wide tree must not exhaust the open-file limit
+            self.close()
         if not parts:
             self.dest.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY)
         else:
-            parent = self._dir_fd(parts[:-1], create)
+            parent = self._dir_fd(parts[:-1], create)  # opened last, so never closed by the cap here
             name = parts[-1]
             if create:
                 try:

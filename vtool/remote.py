@@ -198,6 +198,7 @@ def put(remote: str, local_name: str, is_dir: bool) -> str:
         [
             "set -e",
             f"dst={q(remote)}",
+            'case "$dst" in /*) ;; *) dst="./$dst";; esac',  # a name starting with "-" stays a name
             f'case "$dst" in */) dst="$dst"{q(local_name)};; esac',
             f'if [ -d "$dst" ] && [ ! -L "$dst" ] && [ {int(is_dir)} = 0 ]; then dst="$dst/"{q(local_name)}; fi',
             'dir=$(dirname -- "$dst")',
@@ -206,7 +207,8 @@ def put(remote: str, local_name: str, is_dir: bool) -> str:
             "trap 'rm -rf \"$tmp\"' EXIT",
             'tar -x -f - -C "$tmp" --no-same-owner',
             'if [ -d "$dst" ] && [ ! -L "$dst" ]; then mv -T -- "$dst" "$tmp/old"; fi',
-            'mv -Tf -- "$tmp/x" "$dst"',
+            # If the last step fails, the folder that was there is put back, not lost.
+            'mv -Tf -- "$tmp/x" "$dst" || { if [ -e "$tmp/old" ]; then mv -T -- "$tmp/old" "$dst"; fi; exit 1; }',
             'echo "$dst"',
         ]
     )

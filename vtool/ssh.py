@@ -112,7 +112,8 @@ def ssh_options(
         opts["ProxyJump"] = target.proxy_jump
     out: list[str] = []
     for key, value in opts.items():
-        out += ["-o", f"{key}={value}"]
+        # Quoted as in ssh_config, so a path with spaces (a VTOOL_HOME under "My Files") works.
+        out += ["-o", f'{key}="{value}"' if any(c.isspace() for c in value) else f"{key}={value}"]
     return out
 
 

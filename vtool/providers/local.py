@@ -439,6 +439,15 @@ class LocalProvider:
         proc.kill()
         return 0
 
+    def host_keys(self, node: Node) -> list[str]:
+        """The node's host key, read from the key vtool generated for it (never trusted on
+        first use)."""
+        pub = ClusterPaths(self.home, node.cluster).nodes / str(node.index) / "ssh_host_ed25519_key.pub"
+        try:
+            return [" ".join(pub.read_text().split()[:2])]
+        except OSError:
+            return []
+
     # -- reaching a node ------------------------------------------------------------------
     def ssh_target(self, node: Node) -> SshTarget:
         paths = ClusterPaths(self.home, node.cluster)
