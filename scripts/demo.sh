@@ -5,13 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
-export VTOOL_CLUSTER="${VTOOL_CLUSTER:-demo}"
+export VTOOL_CLUSTER="${VTOOL_CLUSTER:-demo-$$}"   # its own cluster: never one you already have
 trap 'vtool terminate --yes >/dev/null 2>&1 || true' EXIT   # never leave nodes behind
 
 set -x
 vtool launch 3
 vtool inject pkg-examples/hello
-vtool run 'while [ ! -f hello-result.txt ]; do sleep 0.2; done'   # wait for the launch scripts
+VTOOL_TIMEOUT_COMMAND=60 vtool run 'while [ ! -f hello-result.txt ]; do sleep 0.2; done'   # wait for the launch scripts
 vtool status
 vtool logs
 vtool scpgetall hello-result.txt out/hello-result

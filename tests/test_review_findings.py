@@ -127,3 +127,13 @@ def test_put_follows_a_top_level_symlink_and_names_starting_with_a_dash(cluster3
     assert Cluster().put("link.txt", "-odd/remote.txt", nodes="0").ok  # the CLI reads "-odd" as an option
     got = cluster3.node_home(0) / "-odd" / "remote.txt"
     assert not got.is_symlink() and got.read_text() == "content\n"
+
+
+def test_fetch_paths_with_tilde_dot_and_trailing_slash(cluster3: Env) -> None:
+    cluster3.ok("run", "mkdir -p weird && echo w > weird/f.txt && ln -sfn weird link", "--nodes", "0")
+    cluster3.ok("scpget", "~/weird/f.txt", "a.txt")
+    assert (cluster3.work / "a.txt").read_text() == "w\n"
+    cluster3.ok("scpget", "-r", "weird/.", "b")
+    assert (cluster3.work / "b" / "f.txt").read_text() == "w\n"
+    cluster3.ok("scpget", "-r", "link/", "c")
+    assert (cluster3.work / "c" / "f.txt").read_text() == "w\n"

@@ -262,6 +262,8 @@ def launch(
     ``wait=False`` returns once the provider has the nodes (``inject`` waits for them).
     Nodes that never accept SSH are terminated unless ``keep_unready``."""
     n = check_count(count)
+    if shutil.which(settings.ssh.program) is None:
+        raise ConfigError(f"ssh.program {settings.ssh.program!r} was not found; install the OpenSSH client")
     s = Session(settings)
     s.provider.check()
     s.paths.create()

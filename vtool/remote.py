@@ -183,8 +183,9 @@ def fetch(remote: str, recursive: bool) -> str:
     return "; ".join(
         [
             f"p={q(remote)}",
+            'case "$p" in "~") p=.;; "~/"*) p="${p#"~/"}";; esac',  # ~ is the home folder, as in scp
             'if [ ! -e "$p" ]; then echo "no such file or folder: $p" >&2; exit 44; fi',
-            'if [ -L "$p" ]; then p=$(readlink -f -- "$p"); fi',
+            'p=$(readlink -f -- "$p")',  # the real name: no ".", "..", trailing "/" or link left
             f'if [ -d "$p" ] && [ {int(recursive)} = 0 ]; then echo "$p is a folder: use -r" >&2; exit 45; fi',
             'cd -- "$(dirname -- "$p")"',
             'exec tar -c -f - -- "$(basename -- "$p")"',

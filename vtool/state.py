@@ -36,6 +36,8 @@ from .models import Release
 def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` (and parents) as 0700 whatever the umask; refuse a group/world-writable one."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.is_symlink():
+        raise ConfigError(f"{path} is a symbolic link; vtool keeps its state only in real folders you own")
     st = path.stat()
     if st.st_uid != os.getuid():
         raise ConfigError(f"{path} belongs to another user; vtool keeps its state only in folders you own")
