@@ -632,29 +632,26 @@ class Ec2Provider:
             for n in nodes
         ]
 
-    def stop(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
+    def _transition(
+        self, cluster: str, nodes: Sequence[Node], progress: Progress, action: str, state: str, verb: str
+    ) -> list[NodeResult]:
+        """Stop or start this cluster's instances among ``nodes`` and wait for ``state``."""
         mine = {i["InstanceId"] for i in self._ours(cluster)}
-        targets = [n for n in nodes if n.id in mine and n.state != "stopped"]
+        targets = [n for n in nodes if n.id in mine and n.state != state]
         if targets:
-            self.call("stop_instances", InstanceIds=[n.id for n in targets])
-            progress(f"stopping {len(targets)} instance(s)")
-        done = {r.index: r for r in self._wait_state(cluster, targets, "stopped")}
+            self.call(action, InstanceIds=[n.id for n in targets])
+            progress(f"{verb} {len(targets)} instance(s)")
+        done = {r.index: r for r in self._wait_state(cluster, targets, state)}
         return [
             done.get(n.index, NodeResult(n.index, n.id in mine, error=None if n.id in mine else "not this cluster's"))
             for n in nodes
         ]
 
+    def stop(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
+        return self._transition(cluster, nodes, progress, "stop_instances", "stopped", "stopping")
+
     def start(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
-        mine = {i["InstanceId"] for i in self._ours(cluster)}
-        targets = [n for n in nodes if n.id in mine and n.state != "running"]
-        if targets:
-            self.call("start_instances", InstanceIds=[n.id for n in targets])
-            progress(f"starting {len(targets)} instance(s)")
-        done = {r.index: r for r in self._wait_state(cluster, targets, "running")}
-        return [
-            done.get(n.index, NodeResult(n.index, n.id in mine, error=None if n.id in mine else "not this cluster's"))
-            for n in nodes
-        ]
+        return self._transition(cluster, nodes, progress, "start_instances", "running", "starting")
 
     def forget(self, cluster: str) -> None:
         """Delete the security group and key pair vtool made for the cluster (retrying while

@@ -192,27 +192,24 @@ def terminate(c, cluster=None, profile=None, nodes=None, yes=False):
     out.line(f"terminated {len(result.succeeded)} node(s) of cluster {settings.cluster!r}")
 
 
-@vtool_task(help={"nodes": "only these nodes, e.g. 0,2,5-7 (default: all)"})
-def stop(c, cluster=None, profile=None, nodes=None):
-    """Stop the nodes but keep their disks (start brings them back)."""
+def _power(cluster: Any, profile: Any, nodes: Any, action: Any, verb: str, done: str, hint: str = "") -> None:
     settings = settings_from(cluster, profile)
     out = Output()
-    result = api.stop(settings=settings, nodes=nodes, progress=out.progress)
+    result = action(settings=settings, nodes=nodes, progress=out.progress)
     out.done()
     for r in result.failed:
         out.line(f"node {r.index}: {r.error}", err=True)
-    api.raise_for_failures(result, "stop")
-    out.line(f"stopped {len(result.succeeded)} node(s) of cluster {settings.cluster!r}; `vtool start` brings them back")
+    api.raise_for_failures(result, verb)
+    out.line(f"{done} {len(result.succeeded)} node(s) of cluster {settings.cluster!r}{hint}")
+
+
+@vtool_task(help={"nodes": "only these nodes, e.g. 0,2,5-7 (default: all)"})
+def stop(c, cluster=None, profile=None, nodes=None):
+    """Stop the nodes but keep their disks (start brings them back)."""
+    _power(cluster, profile, nodes, api.stop, "stop", "stopped", "; `vtool start` brings them back")
 
 
 @vtool_task(help={"nodes": "only these nodes, e.g. 0,2,5-7 (default: all)"})
 def start(c, cluster=None, profile=None, nodes=None):
     """Start stopped nodes again and wait until they accept SSH."""
-    settings = settings_from(cluster, profile)
-    out = Output()
-    result = api.start(settings=settings, nodes=nodes, progress=out.progress)
-    out.done()
-    for r in result.failed:
-        out.line(f"node {r.index}: {r.error}", err=True)
-    api.raise_for_failures(result, "start")
-    out.line(f"started {len(result.succeeded)} node(s) of cluster {settings.cluster!r}")
+    _power(cluster, profile, nodes, api.start, "start", "started")
