@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The benchmark in one command: a venv with this repository's vtool and the peers
+# (parallel-ssh, Fabric, ansible-core), then bench/bench.py, which launches local nodes,
+# measures vtool and the peers side by side and rewrites docs/benchmarks.md.
+#
+#   bash bench/run.sh                 # everything, 5 runs of every row
+#   bash bench/run.sh --runs 3        # arguments go to bench/bench.py (--help lists them)
+#
+# The venv is $VTOOL_BENCH_VENV (default /tmp/vtool-bench-venv), outside the work tree.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VTOOL_BENCH_VENV:-/tmp/vtool-bench-venv}
+python=${PYTHON:-python3}
+
+for tool in ssh scp ssh-keygen xargs; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install openssh-client findutils)" >&2; exit 3; }
+done
+[ -x /usr/sbin/sshd ] || command -v sshd >/dev/null || { echo "bench: sshd is missing (apt-get install openssh-server)" >&2; exit 3; }
+
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+fi
+timeout 1200 "$venv/bin/python" -m pip install --quiet --upgrade pip
+timeout 1200 "$venv/bin/python" -m pip install --quiet -e "$root" parallel-ssh fabric ansible-core
+
+# 64 sshd nodes and a client with a connection to each: lift the open-file limit.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true
+
+cd "$root"
+exec "$venv/bin/python" bench/bench.py --command "bash bench/run.sh${*:+ $*}" "$@"
