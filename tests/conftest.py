@@ -74,20 +74,16 @@ def _clean_environ(tmp: Path) -> dict[str, str]:
 
 def stop_all_nodes(vhome: Path) -> list[int]:
     """Stop every local node under ``vhome``; return PIDs that would not stop."""
-    from vtool.providers.local import _is_node_sshd, _kill_all, node_processes
+    from vtool.errors import VtoolError
+    from vtool.providers.local import LocalProvider
 
     survivors: list[int] = []
     for meta_file in sorted(vhome.glob("clusters/*/nodes/*/node.json")):
-        import json
-
         try:
-            meta = json.loads(meta_file.read_text())
-        except ValueError:
+            meta, _found, left = LocalProvider._stop_processes(meta_file.parent)
+        except VtoolError:  # an unreadable node.json: nothing to go on
             continue
-        d = meta_file.parent
-        pid = int(meta.get("pid", 0))
-        sshd = pid if _is_node_sshd(pid, d / "sshd_config") else None
-        survivors += _kill_all(node_processes(sshd, str(meta.get("token", ""))))
+        survivors += left
         if meta.get("screendir") and not str(meta["screendir"]).startswith(str(vhome)):
             shutil.rmtree(meta["screendir"], ignore_errors=True)
     return survivors

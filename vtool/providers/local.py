@@ -351,16 +351,24 @@ class LocalProvider:
             f"node {d.name}: sshd did not start: {last_error.splitlines()[-1] if last_error else 'no output'}"
         )
 
+    @staticmethod
+    def _stop_processes(d: Path) -> tuple[dict[str, Any], list[int], list[int]]:
+        """Stop every process of the node in folder ``d`` (its sshd checked to still be its
+        sshd first); return (its node.json, the processes found, those that would not stop)."""
+        meta = read_json(d / "node.json", {}) or {}
+        pid = int(meta.get("pid", 0) or 0)
+        sshd_pid = pid if _is_node_sshd(pid, d / "sshd_config") else None
+        token = str(meta.get("token", ""))
+        victims = node_processes(sshd_pid, token) if token else ([sshd_pid] if sshd_pid else [])
+        return meta, victims, _kill_all(victims)
+
     # -- stop and start: keep the node's files, stop its processes --------------------------
     def stop(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
         paths = ClusterPaths(self.home, cluster)
         out = []
         for node in nodes:
             d = paths.nodes / str(node.index)
-            meta = read_json(d / "node.json", {}) or {}
-            pid = int(meta.get("pid", 0) or 0)
-            sshd_pid = pid if _is_node_sshd(pid, d / "sshd_config") else None
-            survivors = _kill_all(node_processes(sshd_pid, str(meta.get("token", ""))))
+            meta, _victims, survivors = self._stop_processes(d)
             if survivors:
                 out.append(NodeResult(node.index, False, error=f"processes {survivors} did not stop"))
                 continue
@@ -466,12 +474,7 @@ class LocalProvider:
         results = []
         for node in nodes:
             d = paths.nodes / str(node.index)
-            meta = read_json(d / "node.json", {}) or {}
-            pid = int(meta.get("pid", 0) or 0)
-            sshd_pid = pid if _is_node_sshd(pid, d / "sshd_config") else None
-            token = str(meta.get("token", ""))
-            victims = node_processes(sshd_pid, token) if token else ([sshd_pid] if sshd_pid else [])
-            survivors = _kill_all(victims)
+            meta, victims, survivors = self._stop_processes(d)
             if survivors:
                 results.append(NodeResult(node.index, False, error=f"processes {survivors} did not stop"))
                 continue
