@@ -28,6 +28,7 @@ import pluggy
 from . import fanout, package, remote
 from . import plugin_manager as plugins
 from .config import VTOOL_DEFAULTS, Settings, load_settings
+from .distribute import BaseChanged, HolderLost, distribute
 from .errors import (
     ConfigError,
     NodeError,
@@ -58,6 +59,7 @@ from .state import (
     ClusterPaths,
     check_private_key,
     control_dir,
+    ensure_relay_key,
     list_cluster_names,
     locked,
     pin_host_key,
@@ -164,6 +166,7 @@ class Session:
                     persist=s.ssh.persist,
                     connect_timeout=s.timeout.connect,
                     kex=s.ssh.kex,
+                    ciphers=s.ssh.ciphers,
                     control_dir=control_dir(s.home),
                     # One shared connection per node *identity*: a leftover connection to a
                     # dead node is never reused for another node at the same address and port.
@@ -379,15 +382,136 @@ def _node_env(s: Session, info: ClusterInfo, node: Node) -> dict[str, str]:
     return env
 
 
-def _tell_cluster(s: Session, info: ClusterInfo, nodes: Sequence[Node], release: Release | None) -> GroupResult:
-    """Write cluster.env/hosts/other_hosts on ``nodes`` (best effort for the ones not targeted)."""
-    everyone = [x for x in info.nodes if x.state == "running"]
+def _trust(s: Session, everyone: Sequence[Node]) -> tuple[tuple[str, str, str], bytes]:
+    """What prepare writes so the nodes can reach each other: (public key, known_hosts,
+    ssh_config) and the private key (sent on stdin)."""
+    key = ensure_relay_key(s.paths)
+    pub = s.paths.relay_pubkey.read_text().strip()
+    aliases = {x.host_key_alias for x in everyone}
+    try:
+        pinned = s.paths.known_hosts.read_text().splitlines()
+    except FileNotFoundError:
+        pinned = []
+    known = "".join(f"{line}\n" for line in pinned if line.split(" ", 1)[0] in aliases)
+    config = remote.node_ssh_config(everyone, s.settings.ssh.kex, s.settings.ssh.ciphers)
+    return (pub, known, config), key.read_bytes()
 
-    def op(node: Node) -> CommandResult:
-        cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release)
-        return s.client(node).run(cmd, timeout=s.settings.timeout.transfer or None, check=True)
+
+def _tell_cluster(
+    s: Session, info: ClusterInfo, nodes: Sequence[Node], release: Release | None, everyone: Sequence[Node] = ()
+) -> GroupResult:
+    """Write cluster.env/hosts/other_hosts and the nodes' SSH set-up on ``nodes``; with a
+    release, each result's value is ``have`` or ``need BASE`` for it."""
+    everyone = everyone or [x for x in info.nodes if x.state == "running"]
+    trust, secret = _trust(s, everyone)
+
+    def op(node: Node) -> str:
+        cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release, trust)
+        r = s.client(node).run(cmd, input=secret, timeout=s.settings.timeout.transfer or None, check=True)
+        return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
 
     return s.fan_out(nodes, op)
+
+
+@dataclass(frozen=True)
+class _Payload:
+    path: Path  # on the client
+    name: str  # as kept in ~/.vtool/packages on the nodes
+    install: str  # the node command that unpacks it from stdin
+    size: int
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _full_payload(release: Release) -> _Payload:
+    path = Path(release.archive)
+    name = f"{release.dirname}.tar.{release.compression}"
+    return _Payload(path, name, remote.install(release, name, _sha256_file(path)), path.stat().st_size)
+
+
+def _delta_payload(release: Release, base: str) -> _Payload | None:
+    """A delta from release folder ``base`` when vtool packed both and it is clearly smaller."""
+    made = package.write_delta(release, base)
+    if made is None:
+        return None
+    path = made
+    size = path.stat().st_size
+    if size > 0.7 * Path(release.archive).stat().st_size:
+        return None
+    return _Payload(path, path.name, remote.install(release, path.name, _sha256_file(path), base=base), size)
+
+
+def _send_payload(
+    s: Session,
+    nodes: Sequence[Node],
+    payload: _Payload,
+    *,
+    holders: Sequence[Node] = (),
+    progress: Progress,
+    what: str,
+) -> dict[int, str | VtoolError]:
+    """``distribute`` wired to SSH: the client sends with ``install``, a holder with ``relay``."""
+    timeout = s.settings.timeout.transfer or None
+    count = {"done": 0}
+
+    def check(r: CommandResult, where: str) -> None:
+        if r.exit_code == remote.BASE_CHANGED:
+            raise BaseChanged("the release it had was changed on the node")
+        if r.exit_code != 0:
+            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.exit_code}"
+            raise NodeError(f"unpacking failed{where}: {last}")
+
+    def send(node: Node) -> str:
+        with open(payload.path, "rb") as f:
+            r = s.client(node).run(payload.install, input=f, timeout=timeout)
+        check(r, "")
+        return "direct"
+
+    def relay(holder: Node, target: Node) -> str:
+        try:
+            r = s.client(holder).run(remote.relay(target, payload.name, payload.install), timeout=timeout)
+        except NodeError as e:
+            raise HolderLost(f"node {holder.index}, passing the package on, failed: {e}") from None
+        if r.exit_code == remote.RELAY_NO_PAYLOAD:
+            raise HolderLost(f"node {holder.index} no longer has the package")
+        if r.exit_code == remote.RELAY_UNREACHABLE:
+            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "SSH failed"
+            raise NodeError(f"node {holder.index} could not reach it: {last}")
+        check(r, f" (sent by node {holder.index})")
+        return "relay"
+
+    def done(index: int, error: VtoolError | None) -> None:
+        count["done"] += 1
+        progress(
+            f"inject: {what} on {count['done']}/{len(nodes)} node(s)" + (f" (node {index} failed)" if error else "")
+        )
+
+    relay_min = s.settings.inject_relay
+    if relay_min and len(nodes) >= relay_min:
+        progress(f"inject: sending {what} ({_size(payload.size)}) once; the nodes pass it on")
+    return distribute(
+        nodes,
+        send=send,
+        relay=relay,
+        relay_min=relay_min,
+        concurrency=s.settings.concurrency,
+        holders=holders,
+        on_done=done,
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def _inject_release(
@@ -400,44 +524,75 @@ def _inject_release(
     progress: Progress,
     before_hook_done: bool = False,
 ) -> GroupResult:
+    """Check which targets need ``release`` (and which release they have), send each group
+    the smallest payload (nothing, a delta, or the package) through ``distribute``, then
+    switch ``~/NAME`` and start the launch script on every target that has it."""
     target_ids = {x.index for x in targets}
     if not before_hook_done:
         s.pm.hook.vtool_before_inject(cluster=info, nodes=tuple(targets), release=release, settings=s.settings)
     others = [x for x in everyone if x.index not in target_ids]
-    if others:
-        _tell_cluster(s, info, others, None)
-    sent = {"done": 0}
+    holders: list[Node] = []
+    if others:  # (they may already hold the package and pass it on)
+        told = _tell_cluster(s, info, others, release, everyone)
+        holders = [info.node(r.index) for r in told.succeeded if r.value == "have"]
     timeout = s.settings.timeout.transfer or None
-
     ready_by = time.monotonic() + s.settings.timeout.ready
+    trust, secret = _trust(s, everyone)
 
-    def op(node: Node) -> dict[str, Any]:
+    def check(node: Node) -> str:
         if node.state not in ("running", "pending"):
             raise NodeError(f"node is {node.state}")
         if node.host_key_alias not in pinned_aliases(s.paths):  # launched with --no-wait
             wait_ready(s, node, ready_by)
-        client = s.client(node)
-        cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release)
-        have = client.run(cmd, timeout=timeout, check=True).stdout.strip().endswith("have")
-        if not have:
-            with open(release.archive, "rb") as archive:
-                r = client.run(remote.install(release), input=archive, timeout=timeout)
-            if r.exit_code != 0:
-                raise NodeError(
-                    f"unpacking failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.exit_code}"
-                )
+        cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release, trust)
+        r = s.client(node).run(cmd, input=secret, timeout=timeout, check=True)
+        return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+
+    checked = s.fan_out(targets, check)
+    failed: dict[int, NodeResult] = {r.index: r for r in checked.failed}
+    how: dict[int, str] = {}
+    by_base: dict[str, list[Node]] = {}
+    for r in checked.succeeded:
+        words = str(r.value).split()
+        if words[:1] == ["have"]:
+            how[r.index] = "there"
+        else:
+            base = words[1] if len(words) > 1 else "-"
+            by_base.setdefault(base, []).append(info.node(r.index))
+
+    def collect(outcome: dict[int, str | VtoolError], prefix: str, retry: list[Node]) -> None:
+        for index, v in outcome.items():
+            if isinstance(v, BaseChanged):
+                retry.append(info.node(index))
+            elif isinstance(v, VtoolError):
+                failed[index] = NodeResult(index, False, error=str(v))
+            else:
+                how[index] = prefix + v
+
+    whole = by_base.pop("-", [])
+    for base, group in sorted(by_base.items()):
+        delta = _delta_payload(release, base)
+        if delta is None:
+            whole += group
+            continue
+        collect(_send_payload(s, group, delta, progress=progress, what=f"the changes since {base}"), "delta ", whole)
+    if whole:
+        full = _full_payload(release)
+        collect(_send_payload(s, whole, full, holders=holders, progress=progress, what=release.dirname), "", [])
+
+    def start(node: Node) -> dict[str, Any]:
         command = s.pm.hook.vtool_launch_command(cluster=info, node=node, release=release, settings=s.settings)
         command = command or f"./{release.launcher}"
-        r = client.run(remote.start(release, command, s.settings.inject_screen), timeout=timeout)
+        r = s.client(node).run(remote.start(release, command, s.settings.inject_screen), timeout=timeout)
         if r.exit_code != 0:
             raise NodeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"start failed ({r.exit_code})")
-        return {"sent": not have, "mode": r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""}
+        mode = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+        return {"sent": how[node.index] != "there", "how": how[node.index], "mode": mode}
 
-    def done(r: NodeResult) -> None:
-        sent["done"] += 1
-        progress(f"inject: {sent['done']}/{len(targets)} done" + ("" if r.ok else f" (node {r.index} failed)"))
-
-    results = s.fan_out(targets, op, on_done=done)
+    started = s.fan_out([x for x in targets if x.index in how], start)
+    merged = {r.index: r for r in started.results}
+    merged.update(failed)
+    results = GroupResult(tuple(merged[i] for i in sorted(merged)))
     s.pm.hook.vtool_after_inject(
         cluster=info, nodes=tuple(targets), release=release, results=results, settings=s.settings
     )

@@ -46,10 +46,12 @@ VTOOL_DEFAULTS: dict[str, Any] = {
         "persist": 300,  # seconds a shared SSH connection stays open after the last command
         "kex": "curve25519-sha256,curve25519-sha256@libssh.org,sntrup761x25519-sha512@openssh.com",
         "program": "ssh",  # the OpenSSH client to run
+        "ciphers": "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr",  # AES-GCM first: the fastest where the CPU has AES instructions
     },
     "inject": {
         "auto": True,  # nodes added by a later launch receive the cluster's current release
         "screen": True,  # start the launch script inside screen when the node has it
+        "relay": 4,  # from this many nodes up, the client sends a package once and the nodes pass it on (0: never)
     },
     "local": {
         "sshd": "",  # path of the sshd binary ("" = look in PATH, /usr/sbin, /usr/local/sbin)
@@ -213,6 +215,7 @@ class SshSettings:
     persist: int
     kex: str
     program: str
+    ciphers: str = ""
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ class Settings:
     ssh: SshSettings
     inject_auto: bool
     inject_screen: bool
+    inject_relay: int
     local_sshd: str
     tree: Mapping[str, Any]  # the whole merged tree, plugin sections included
     sources: tuple[str, ...] = ()  # config files that were read
@@ -249,6 +253,8 @@ def _from_tree(tree: dict[str, Any], sources: tuple[str, ...]) -> Settings:
     s = tree["ssh"]
     if tree["concurrency"] < 1:
         raise ConfigError(f"concurrency must be at least 1, not {tree['concurrency']}")
+    if tree["inject"]["relay"] < 0:
+        raise ConfigError(f"inject.relay must be 0 (never relay) or more, not {tree['inject']['relay']}")
     return Settings(
         cluster=check_cluster_name(tree["cluster"]),
         profile=tree["profile"],
@@ -262,9 +268,12 @@ def _from_tree(tree: dict[str, Any], sources: tuple[str, ...]) -> Settings:
             command=float(t["command"]),
             transfer=float(t["transfer"]),
         ),
-        ssh=SshSettings(user=s["user"], persist=int(s["persist"]), kex=s["kex"], program=s["program"]),
+        ssh=SshSettings(
+            user=s["user"], persist=int(s["persist"]), kex=s["kex"], program=s["program"], ciphers=s["ciphers"]
+        ),
         inject_auto=tree["inject"]["auto"],
         inject_screen=tree["inject"]["screen"],
+        inject_relay=tree["inject"]["relay"],
         local_sshd=tree["local"]["sshd"],
         tree=MappingProxyType(tree),
         sources=sources,

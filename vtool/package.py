@@ -11,6 +11,8 @@ from __future__ import annotations
 import fnmatch
 import gzip
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
@@ -160,19 +162,115 @@ def _check_shipped(root: Path, entries: list[Entry], launcher: str) -> None:
         raise ConfigError(f"{root / launcher} must be a regular executable file, not a {entry.kind}")
 
 
-def content_hash(root: Path, entries: list[Entry]) -> str:
-    """sha256 over (kind, path, executable bit, link target, file bytes): mtimes and owners
-    do not change it, so an unchanged package is recognised on the nodes."""
-    h = hashlib.sha256()
+def file_digests(root: Path, entries: list[Entry]) -> dict[str, str]:
+    """sha256 (hex) of every shipped file's bytes, by path."""
+    out: dict[str, str] = {}
     for e in entries:
-        h.update(f"{e.kind}\0{e.path}\0{int(e.executable)}\0{e.target}\0".encode())
         if e.kind == "file":
             fh = hashlib.sha256()
             with open(root / e.path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     fh.update(chunk)
-            h.update(fh.digest())
+            out[e.path] = fh.hexdigest()
+    return out
+
+
+def content_hash(root: Path, entries: list[Entry], digests: dict[str, str] | None = None) -> str:
+    """sha256 over (kind, path, executable bit, link target, file bytes): mtimes and owners
+    do not change it, so an unchanged package is recognised on the nodes."""
+    digests = file_digests(root, entries) if digests is None else digests
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{e.kind}\0{e.path}\0{int(e.executable)}\0{e.target}\0".encode())
+        if e.kind == "file":
+            h.update(bytes.fromhex(digests[e.path]))
     return h.hexdigest()
+
+
+def manifest_path(archive: str | Path) -> Path:
+    """Where the manifest of a release built from a folder is kept (next to its archive)."""
+    p = Path(archive)
+    return p.with_name(p.name.split(".tar.")[0] + ".manifest.json")
+
+
+def load_manifest(archive: str | Path) -> dict[str, dict[str, object]] | None:
+    """path -> {kind, x, target, sha} for a release vtool packed from a folder, else None."""
+    try:
+        data = json.loads(manifest_path(archive).read_text())
+        return {str(k): dict(v) for k, v in data["entries"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_manifest(archive: Path, entries: list[Entry], digests: dict[str, str]) -> None:
+    data = {
+        "entries": {
+            e.path: {"kind": e.kind, "x": e.executable, "target": e.target, "sha": digests.get(e.path, "")}
+            for e in entries
+        }
+    }
+    dest = manifest_path(archive)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, dest)
+
+
+def write_delta(new: Release, base: str) -> Path | None:
+    """A gzip tarball that turns ``base``'s release folder into ``new``'s: the files that
+    differ (under ``NAME/``), plus ``.vtool-keep`` (the paths, relative to the release
+    folder, to copy from the base, NUL separated) and ``.vtool-sums`` (their sha256, checked on the node before copying, so a
+    base changed on the node is never silently reused). ``base`` is the base's release
+    folder name (``NAME-HASH12``). None when vtool did not pack both from folders (an
+    archive given by the user has no manifest). Folders and links are always in the delta."""
+    store = Path(new.archive).parent
+    new_m, base_m = load_manifest(new.archive), load_manifest(store / f"{base}.tar.gz")
+    if new_m is None or base_m is None or not base.startswith(f"{new.name}-"):
+        return None
+    dest = store / f"{new.dirname}.from-{base}.tar.gz"
+    if dest.exists():
+        return dest
+    changed: list[str] = []
+    keep: list[str] = []
+    for path, e in new_m.items():
+        b = base_m.get(path)
+        same = b is not None and b["kind"] == "file" and b["sha"] == e["sha"] and b["x"] == e["x"]
+        # (a name sha256sum would have to escape is simply sent again)
+        if e["kind"] == "file" and same and "\n" not in path and "\\" not in path:
+            keep.append(path)
+        else:
+            changed.append(path)
+    wanted = {new.name} | {f"{new.name}/{p}" for p in changed}
+    with tarfile.open(new.archive, "r:gz") as src:
+        tmp_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        os.close(tmp_fd)
+        try:
+            with (
+                open(tmp, "wb") as raw,
+                gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz,
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as out,
+            ):
+                for name, text in (
+                    (".vtool-keep", "".join(f"{p}\0" for p in keep)),
+                    (".vtool-sums", "".join(f"{new_m[p]['sha']}  {p}\n" for p in keep)),
+                ):
+                    data = text.encode()
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode = len(data), 0o644
+                    out.addfile(info, io.BytesIO(data))
+                for m in src:  # one pass, in the archive's order
+                    if m.name not in wanted:
+                        continue
+                    if m.isfile():
+                        out.addfile(m, src.extractfile(m))
+                    else:
+                        out.addfile(m)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return dest
 
 
 def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level: int = 1) -> None:
@@ -264,11 +362,14 @@ def build_release(source: str | Path, store: Path) -> Release:
         name = check_name(src.resolve().name, str(source))
         entries = select_files(src)
         _check_shipped(src, entries, launcher)
-        digest = content_hash(src, entries)
+        digests = file_digests(src, entries)
+        digest = content_hash(src, entries, digests)
         store.mkdir(parents=True, exist_ok=True, mode=0o700)
         dest = store / f"{name}-{digest[:12]}.tar.gz"
         if not dest.exists():
             write_tarball(src, name, entries, dest)
+        if not manifest_path(dest).exists():
+            _write_manifest(dest, entries, digests)
         return Release(name=name, hash=digest, compression="gz", archive=str(dest), launcher=launcher)
     name, launcher = inspect_archive(src)
     comp = next(c for s, c in ARCHIVE_SUFFIXES.items() if src.name.endswith(s))

@@ -8,6 +8,10 @@ On each node vtool keeps::
     ~/.vtool/other_hosts        the same without this node (as vcloud's file)
     ~/.vtool/nodes              "INDEX NAME ADDRESS PORT" per node
     ~/.vtool/releases/NAME-HASH one folder per release (never changed once unpacked)
+    ~/.vtool/packages/          the last package (or delta) received, passed on to other nodes
+    ~/.vtool/ssh_config         "ssh -F ~/.vtool/ssh_config CLUSTER-3" reaches node 3
+    ~/.vtool/relay_key          the cluster's internal key (its .pub is in ~/.ssh/authorized_keys)
+    ~/.vtool/known_hosts        every node's pinned host key
     ~/NAME -> releases/NAME-HASH   switched atomically by each inject
     ~/.vtool/runs/STAMP/        one folder per start: command, pid, log, exit, release
     ~/.vtool/current -> runs/STAMP
@@ -62,10 +66,52 @@ def env_file(cluster: str, node: Node, nodes: Sequence[Node], extra: Mapping[str
     return "\n".join(lines) + "\n"
 
 
+def node_ssh_config(nodes: Sequence[Node], kex: str, ciphers: str) -> str:
+    """The Host blocks of ~/.vtool/ssh_config (the node prepends its own key and known_hosts
+    paths: OpenSSH expands ``~`` from the password database, not from $HOME)."""
+    lines: list[str] = []
+    for n in sorted(nodes, key=lambda n: n.index):
+        lines += [
+            f"Host {n.name}",
+            f"  HostName {n.private_address}",
+            f"  Port {n.port}",
+            f"  User {n.user}",
+            f"  HostKeyAlias {n.host_key_alias}",
+        ]
+    lines += [
+        "Host *",
+        "  IdentitiesOnly yes",
+        "  BatchMode yes",
+        "  StrictHostKeyChecking yes",
+        "  GlobalKnownHostsFile /dev/null",
+        "  CheckHostIP no",
+        "  UpdateHostKeys no",
+        "  ConnectTimeout 10",
+        "  ServerAliveInterval 5",
+        "  ServerAliveCountMax 3",
+        "  LogLevel ERROR",
+    ]
+    if kex:
+        lines.append(f"  KexAlgorithms {kex}")
+    if ciphers:
+        lines.append(f"  Ciphers {ciphers}")
+    return "\n".join(lines) + "\n"
+
+
 def prepare(
-    cluster: str, node: Node, nodes: Sequence[Node], extra_env: Mapping[str, str], release: Release | None
+    cluster: str,
+    node: Node,
+    nodes: Sequence[Node],
+    extra_env: Mapping[str, str],
+    release: Release | None,
+    trust: tuple[str, str, str] | None = None,
 ) -> str:
-    """Write the cluster files; print ``have`` or ``need`` for ``release``'s folder."""
+    """Write the cluster files; print ``have``, or ``need BASE`` (BASE: the release folder
+    ``~/NAME`` points at now, ``-`` if none) for ``release``'s folder.
+
+    ``trust`` = (public key, known_hosts lines, ssh_config blocks): the cluster-internal key
+    lets the nodes reach each other; its private half arrives on stdin (never in a command line).
+    """
     ordered = sorted(nodes, key=lambda n: n.index)
     hosts = "".join(f"{n.private_address}\n" for n in ordered)
     others = "".join(f"{n.private_address}\n" for n in ordered if n.index != node.index)
@@ -80,26 +126,81 @@ def prepare(
         _write_file(f"{d}/nodes", table),
         _write_file(f"{d}/bin/vtool-run", RUN_WRAPPER, "755"),
     ]
+    if trust is not None:
+        pub, known, config = trust
+        parts += [
+            f'(umask 077; cat > "{d}/.relay_key.$$") && mv -f "{d}/.relay_key.$$" "{d}/relay_key"',
+            _write_file(f"{d}/known_hosts", known, "600"),
+            f'{{ printf "Host *\\n  IdentityFile %s\\n  UserKnownHostsFile %s\\n" "{d}/relay_key" "{d}/known_hosts"; '
+            f'printf %s {q(config)}; }} > "{d}/.ssh_config.$$" && mv -f "{d}/.ssh_config.$$" "{d}/ssh_config"',
+            '(umask 077; mkdir -p "$HOME/.ssh"; touch "$HOME/.ssh/authorized_keys")',
+            f'grep -qxF {q(pub)} "$HOME/.ssh/authorized_keys" || printf "%s\\n" {q(pub)} >> "$HOME/.ssh/authorized_keys"',
+        ]
     if release is not None:
-        parts.append(f'if [ -d "{d}/releases/"{q(release.dirname)} ]; then echo have; else echo need; fi')
+        parts.append(
+            f'if [ -d "{d}/releases/"{q(release.dirname)} ]; then echo have; else '
+            f'b=$(basename "$(readlink "$HOME/"{q(release.name)} 2>/dev/null)" 2>/dev/null); '
+            f'case "$b" in {q(release.name)}-*) [ -d "{d}/releases/$b" ] || b=-;; *) b=-;; esac; echo "need $b"; fi'
+        )
     return "; ".join(parts)
 
 
-def install(release: Release) -> str:
-    """Unpack the archive on stdin into the release folder (atomically; a no-op if present)."""
+# Exit codes of the node scripts below that vtool acts on.
+BASE_CHANGED = 42  # a delta's base release is missing or was changed on the node: send it whole
+RELAY_UNREACHABLE = 75  # the relaying node could not reach the receiving one
+RELAY_NO_PAYLOAD = 76  # the relaying node no longer has the payload
+
+
+def install(release: Release, payload: str, sha256: str, base: str | None = None) -> str:
+    """Unpack the payload on stdin into the release folder (atomically; a no-op if present).
+
+    The payload (the package, or with ``base`` a delta from that release folder) is also kept
+    as ``~/.vtool/packages/PAYLOAD`` once its sha256 is checked, so this node can pass it on.
+    """
     flag = {"gz": "-z", "bz2": "-j"}[release.compression]
+    parts = [
+        "set -e",
+        'd="$HOME/.vtool/releases"',
+        'pk="$HOME/.vtool/packages"',
+        'mkdir -p "$d" "$pk"',
+        f'rel="$d/"{q(release.dirname)}',
+        'if [ -d "$rel" ]; then cat >/dev/null; exit 0; fi',
+        'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
+        "trap 'rm -rf \"$tmp\"' EXIT",
+        # Received, kept and unpacked in one pass; the kept copy is checked before it is used.
+        f'tee "$tmp/.payload" | tar -x {flag} -f - -C "$tmp" --no-same-owner',
+        f"echo {q(sha256)}'  '\"$tmp/.payload\" | sha256sum -c --status - || "
+        '{ echo "the package arrived damaged (sha256 differs)" >&2; exit 4; }',
+        f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}',
+    ]
+    if base is not None:
+        parts += [
+            f'b="$d/"{q(base)}',
+            f'[ -d "$b" ] || exit {BASE_CHANGED}',
+            f'if [ -s "$tmp/.vtool-sums" ]; then (cd "$b" && sha256sum -c --status --strict "$tmp/.vtool-sums") || exit {BASE_CHANGED}; fi',
+            f'(cd "$b" && tar -c --null --verbatim-files-from -T "$tmp/.vtool-keep" -f -) | tar -x -f - -C "$tmp/"{q(release.name)}',
+        ]
+    parts += [
+        # Another inject may have unpacked the same release meanwhile: that is as good.
+        f'mv -T "$tmp/"{q(release.name)} "$rel" 2>/dev/null || [ -d "$rel" ]',
+        f'mv -f "$tmp/.payload" "$pk/"{q(payload)}',
+        # Keep only this release's payloads (a node passes on what it has just received).
+        f'for f in "$pk"/*; do case "${{f##*/}}" in {q(release.dirname)}*) ;; *) rm -f -- "$f";; esac; done',
+    ]
+    return "; ".join(parts)
+
+
+def relay(to: Node, payload: str, install_command: str) -> str:
+    """On a node holding ``payload``: send it to node ``to`` over the cluster's own SSH, where
+    ``install_command`` unpacks it. Exit codes: the install's, or RELAY_UNREACHABLE/NO_PAYLOAD."""
     return "; ".join(
         [
-            "set -e",
-            'd="$HOME/.vtool/releases"',
-            f'rel="$d/"{q(release.dirname)}',
-            'if [ -d "$rel" ]; then cat >/dev/null; exit 0; fi',
-            'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
-            "trap 'rm -rf \"$tmp\"' EXIT",
-            f'tar -x {flag} -f - -C "$tmp" --no-same-owner',
-            f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}',
-            # Another inject may have unpacked the same release meanwhile: that is as good.
-            f'mv -T "$tmp/"{q(release.name)} "$rel" 2>/dev/null || [ -d "$rel" ]',
+            f'f="$HOME/.vtool/packages/"{q(payload)}',
+            f'[ -f "$f" ] || {{ echo "no payload to pass on" >&2; exit {RELAY_NO_PAYLOAD}; }}',
+            f'ssh -F "$HOME/.vtool/ssh_config" {q(to.name)} {q(install_command)} < "$f"',
+            "rc=$?",
+            f"if [ $rc = 255 ]; then exit {RELAY_UNREACHABLE}; fi",
+            "exit $rc",
         ]
     )
 

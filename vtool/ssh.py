@@ -80,6 +80,7 @@ def ssh_options(
     kex: str,
     control_dir: Path | None,
     control_name: str = "%C",
+    ciphers: str = "",
 ) -> list[str]:
     """The ``-o`` options every vtool connection uses."""
     opts = {
@@ -104,6 +105,8 @@ def ssh_options(
     }
     if kex:
         opts["KexAlgorithms"] = kex
+    if ciphers:
+        opts["Ciphers"] = ciphers
     if control_dir is not None:
         opts.update(
             ControlMaster="auto", ControlPath=str(control_dir / control_name), ControlPersist=str(max(1, persist))
@@ -131,6 +134,7 @@ class SshClient:
         control_dir: Path | None = None,
         control_name: str = "%C",
         retries: int = 2,
+        ciphers: str = "",
     ) -> None:
         self.target = target
         self.program = program
@@ -143,6 +147,7 @@ class SshClient:
             kex=kex,
             control_dir=control_dir,
             control_name=control_name,
+            ciphers=ciphers,
         )
 
     def argv(self, command: str | None = None, *, tty: bool = False, log: str | None = None) -> list[str]:

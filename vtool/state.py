@@ -88,6 +88,8 @@ class ClusterPaths:
         self.root = home / "clusters" / cluster
         self.key = self.root / "id_ed25519"
         self.pubkey = self.root / "id_ed25519.pub"
+        self.relay_key = self.root / "relay_ed25519"  # the nodes' key to reach each other
+        self.relay_pubkey = self.root / "relay_ed25519.pub"
         self.known_hosts = self.root / "known_hosts"
         self.state_file = self.root / "state.json"
         self.packages = self.root / "packages"
@@ -136,10 +138,20 @@ def check_private_key(path: Path) -> None:
 
 def ensure_client_key(paths: ClusterPaths) -> Path:
     """The cluster's ed25519 client key: generated once (0600 in a 0700 folder), then checked."""
+    return _ensure_key(paths, paths.key, paths.pubkey, f"vtool-{paths.cluster}")
+
+
+def ensure_relay_key(paths: ClusterPaths) -> Path:
+    """The cluster-internal key the nodes use to reach each other (relayed injects, MPI):
+    a key of its own, so the client's key never leaves the client."""
+    return _ensure_key(paths, paths.relay_key, paths.relay_pubkey, f"vtool-{paths.cluster}-nodes")
+
+
+def _ensure_key(paths: ClusterPaths, key: Path, pubkey: Path, comment: str) -> Path:
     paths.create()
-    if paths.key.exists():
-        check_private_key(paths.key)
-        return paths.key
+    if key.exists():
+        check_private_key(key)
+        return key
     keygen = shutil.which("ssh-keygen")
     if keygen is None:
         raise ProviderError(
@@ -149,20 +161,20 @@ def ensure_client_key(paths: ClusterPaths) -> Path:
     try:
         tmpkey = tmpdir / "key"
         subprocess.run(
-            [keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"vtool-{paths.cluster}", "-f", str(tmpkey)],
+            [keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(tmpkey)],
             check=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         os.chmod(tmpkey, 0o600)
-        os.replace(tmpkey.with_suffix(".pub"), paths.pubkey)
-        os.replace(tmpkey, paths.key)
+        os.replace(tmpkey.with_suffix(".pub"), pubkey)
+        os.replace(tmpkey, key)
     except subprocess.CalledProcessError as e:
         raise ProviderError(f"ssh-keygen failed: {e.stderr.decode(errors='replace').strip()}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return paths.key
+    return key
 
 
 def pin_host_key(paths: ClusterPaths, alias: str, key_line: str) -> None:

@@ -404,7 +404,9 @@ class LocalProvider:
             f"ListenAddress 127.0.0.1:{port}",
             f"HostKey {_q(d / 'ssh_host_ed25519_key')}",
             f"PidFile {_q(d / 'sshd.pid')}",
-            f"AuthorizedKeysFile {_q(d / 'authorized_keys')}",
+            # vtool's client key, then the node's own file (where the cluster-internal key
+            # lets the other nodes in, as on a cloud machine).
+            f"AuthorizedKeysFile {_q(d / 'authorized_keys')} {_q(home / '.ssh' / 'authorized_keys')}",
             "AuthenticationMethods publickey",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",

@@ -23,7 +23,13 @@ def inject(c, path, cluster=None, profile=None, nodes=None, only_failed=False):
     for r in result.results:
         if r.ok:
             how = "in screen" if r.value.get("mode") == "screen" else "detached"
-            sent = "sent" if r.value.get("sent") else "already there"
+            sent = {
+                "there": "already there",
+                "direct": "sent",
+                "relay": "from another node",
+                "delta direct": "changes sent",
+                "delta relay": "changes from another node",
+            }.get(r.value.get("how", ""), "sent" if r.value.get("sent") else "already there")
             out.line(f"node {r.index}: started ({how}; package {sent})")
         else:
             out.line(f"node {r.index}: FAILED: {r.error}", err=True)
