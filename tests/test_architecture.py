@@ -16,7 +16,7 @@ LAYERS = [
     {"hookspecs", "config"},
     {"state", "ssh", "package", "fetch", "remote"},
     {"providers", "plugins"},
-    {"plugin_manager", "fanout"},
+    {"plugin_manager", "fanout", "distribute"},
     {"api"},
     {"tasks"},
     {"main", "__main__", "__init__"},

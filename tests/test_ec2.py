@@ -125,17 +125,19 @@ def test_limits_and_permissions_are_one_line_errors(aws: Aws) -> None:
 def test_end_to_end_on_the_ec2_api_with_real_ssh(backed: Aws) -> None:
     """Launch on the EC2 API (moto), SSH to real sshd nodes: inject, run, scpgetall, terminate."""
     env = backed.env
-    r = env.ok("launch", "2")
-    assert "waiting for SSH: 2/2 ready" in r.stderr
+    r = env.ok("launch", "4")
+    assert "waiting for SSH: 4/4 ready" in r.stderr
     kh = (env.vhome / "clusters" / "default" / "known_hosts").read_text()
-    assert "vtool-default-0 ssh-ed25519 " in kh and "vtool-default-1 ssh-ed25519 " in kh  # pinned at first contact
+    assert "vtool-default-0 ssh-ed25519 " in kh and "vtool-default-3 ssh-ed25519 " in kh  # pinned at first contact
     from conftest import EXAMPLES
 
-    env.ok("inject", str(EXAMPLES / "hello"))
+    r = env.ok("inject", str(EXAMPLES / "hello"))
+    # Sent once by the client; the instances passed it on among themselves.
+    assert r.stdout.count("package sent)") == 1 and r.stdout.count("package from another node)") == 3, r.stdout
     r = env.ok("run", "cat ~/.vtool/hosts | wc -l; echo $VTOOL_NODE_INDEX")
-    assert "[1] 1" in r.stdout
+    assert "[1] 4" in r.stdout and "[1] 1" in r.stdout
     wait_for(lambda: env.cli("scpgetall", "hello-result.txt", "out/r").returncode == 0)
-    for i in range(2):
+    for i in range(4):
         assert f"node_index={i}\n" in (env.work / "out" / f"r.{i}").read_text()
     env.ok("terminate", "--yes")
     assert {i["State"]["Name"] for i in backed.instances(vtool__cluster="default")} == {"terminated"}

@@ -393,7 +393,12 @@ def _trust(s: Session, everyone: Sequence[Node]) -> tuple[tuple[str, str, str], 
     except FileNotFoundError:
         pinned = []
     known = "".join(f"{line}\n" for line in pinned if line.split(" ", 1)[0] in aliases)
-    config = remote.node_ssh_config(everyone, s.settings.ssh.kex, s.settings.ssh.ciphers)
+    address: dict[int, tuple[str, int]] = {}
+    for x in everyone:
+        answer = s.pm.hook.vtool_peer_address(node=x, settings=s.settings)
+        if answer:
+            address[x.index] = (str(answer[0]), int(answer[1]))
+    config = remote.node_ssh_config(everyone, s.settings.ssh.kex, s.settings.ssh.ciphers, address)
     return (pub, known, config), key.read_bytes()
 
 

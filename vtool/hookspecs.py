@@ -76,6 +76,16 @@ def vtool_node_address(node: Any, settings: Any) -> tuple[str, int] | None:  # t
     """
 
 
+@hookspec(firstresult=True)
+def vtool_peer_address(node: Any, settings: Any) -> tuple[str, int] | None:  # type: ignore[empty-body]
+    """Choose the address and port the *other nodes* use to reach ``node`` over SSH (relayed
+    injects, ``~/.vtool/ssh_config`` on the nodes); by default its private address and port.
+
+    firstresult: return ``(host, port)``, or None to decline. For overlay networks, and for
+    tests that back cloud nodes with local sshd processes.
+    """
+
+
 @hookspec
 def vtool_after_launch(cluster: Any, node: Any, settings: Any, remote: Any) -> None:
     """Called once per new node after ``launch``, when that node accepts SSH and before

@@ -66,15 +66,19 @@ def env_file(cluster: str, node: Node, nodes: Sequence[Node], extra: Mapping[str
     return "\n".join(lines) + "\n"
 
 
-def node_ssh_config(nodes: Sequence[Node], kex: str, ciphers: str) -> str:
+def node_ssh_config(
+    nodes: Sequence[Node], kex: str, ciphers: str, address: Mapping[int, tuple[str, int]] | None = None
+) -> str:
     """The Host blocks of ~/.vtool/ssh_config (the node prepends its own key and known_hosts
-    paths: OpenSSH expands ``~`` from the password database, not from $HOME)."""
+    paths: OpenSSH expands ``~`` from the password database, not from $HOME). ``address``:
+    where the nodes reach a node, by index (default: its private address and port)."""
     lines: list[str] = []
     for n in sorted(nodes, key=lambda n: n.index):
+        host, port = (address or {}).get(n.index, (n.private_address, n.port))
         lines += [
             f"Host {n.name}",
-            f"  HostName {n.private_address}",
-            f"  Port {n.port}",
+            f"  HostName {host}",
+            f"  Port {port}",
             f"  User {n.user}",
             f"  HostKeyAlias {n.host_key_alias}",
         ]

@@ -38,3 +38,9 @@ def vtool_node_address(node: Any, settings: Any) -> tuple[str, int] | None:
         pub = ClusterPaths(settings.home, node.cluster).pubkey.read_text()
         (paths.nodes / str(node.index) / "authorized_keys").write_text(pub)
     return ("127.0.0.1", back.port)
+
+
+@hookimpl
+def vtool_peer_address(node: Any, settings: Any) -> tuple[str, int] | None:
+    """The nodes reach each other at the backing sshd too (never at moto's 10.x addresses)."""
+    return vtool_node_address(node, settings)

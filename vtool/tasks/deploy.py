@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from .. import api
-from ._common import Output, vtool_task
+from ._common import Output, api, vtool_task
 from .lifecycle import settings_from
 
 

@@ -7,9 +7,8 @@ import sys
 import time
 from typing import Any
 
-from .. import api
 from ..errors import Interrupted, UsageError
-from ._common import Output, duration, number, table, vtool_task
+from ._common import Output, api, duration, number, table, vtool_task
 
 
 def settings_from(cluster: str | None, profile: str | None, **overrides: Any) -> Any:

@@ -6,9 +6,8 @@ import subprocess
 
 from invoke import Exit
 
-from .. import api
 from ..errors import UsageError
-from ._common import Output, number, table, vtool_task
+from ._common import Output, api, number, table, vtool_task
 from .lifecycle import settings_from
 
 NODES_HELP = "only these nodes, e.g. 0,2,5-7 (default: all)"

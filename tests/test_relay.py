@@ -1,0 +1,288 @@
+"""inject sends a package once and the nodes pass it on (relay); a changed package sends a
+delta. The scheduler on its own (fake transfers), then real nodes, including nodes that die
+in the middle of a relay."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import Env, make_package, wait_for
+
+from vtool.distribute import BaseChanged, HolderLost, distribute
+from vtool.errors import NodeError, NodeUnreachable
+from vtool.models import Node
+from vtool.providers.local import LocalProvider
+
+# -- the scheduler, with fake transfers -----------------------------------------------------
+
+
+def _nodes(n: int) -> list[Node]:
+    return [Node("c", i, f"id{i}", "fake", "127.0.0.1", 22, "u", "127.0.0.1") for i in range(n)]
+
+
+class Fake:
+    """Records who sent to whom; ``dead`` nodes fail as a target, ``lost`` ones as a holder."""
+
+    def __init__(self, dead: set[int] = frozenset(), lost: set[int] = frozenset(), broken_relay: bool = False):  # type: ignore[assignment]
+        self.dead, self.lost, self.broken_relay = dead, lost, broken_relay
+        self.sends: list[int] = []
+        self.relays: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+
+    def send(self, node: Node) -> str:
+        with self.lock:
+            self.sends.append(node.index)
+        if node.index in self.dead:
+            raise NodeUnreachable("connection refused")
+        return "direct"
+
+    def relay(self, holder: Node, target: Node) -> str:
+        with self.lock:
+            self.relays.append((holder.index, target.index))
+        if holder.index in self.lost:
+            raise HolderLost("holder gone")
+        if self.broken_relay or target.index in self.dead:
+            raise NodeError("could not reach it")
+        return "relay"
+
+
+def _go(fake: Fake, n: int, relay_min: int = 4, concurrency: int = 8) -> dict[int, object]:
+    return distribute(_nodes(n), send=fake.send, relay=fake.relay, relay_min=relay_min, concurrency=concurrency)
+
+
+def test_the_client_sends_once_and_every_node_receives() -> None:
+    fake = Fake()
+    out = _go(fake, 40)
+    assert fake.sends == [0]  # one upload from the client, whatever the size
+    assert sorted(out) == list(range(40)) and all(v in ("direct", "relay") for v in out.values())
+    assert sorted(t for _h, t in fake.relays) == list(range(1, 40))
+    received = {0}
+    for holder, target in fake.relays:  # nobody passes on what it does not have
+        assert holder in received
+        received.add(target)
+
+
+def test_below_relay_min_the_client_sends_to_each() -> None:
+    fake = Fake()
+    out = _go(fake, 3, relay_min=4)
+    assert sorted(fake.sends) == [0, 1, 2] and not fake.relays
+    assert set(out.values()) == {"direct"}
+    fake = Fake()
+    _go(fake, 10, relay_min=0)  # 0: never relay
+    assert sorted(fake.sends) == list(range(10)) and not fake.relays
+
+
+def test_a_lost_holder_is_dropped_and_its_target_served_by_another() -> None:
+    fake = Fake(lost={1})
+    out = _go(fake, 12)
+    assert all(isinstance(v, str) for v in out.values()), out  # everyone got it
+    assert sum(1 for h, _t in fake.relays if h == 1) == 1  # used once, then never again
+
+
+def test_a_dead_target_gets_one_direct_attempt_and_is_reported() -> None:
+    fake = Fake(dead={5})
+    out = _go(fake, 12)
+    assert isinstance(out[5], NodeUnreachable)
+    assert all(isinstance(v, str) for i, v in out.items() if i != 5)
+    assert fake.sends.count(5) == 1 and fake.sends.count(0) == 1
+
+
+def test_a_dead_seed_makes_the_client_seed_another_node() -> None:
+    fake = Fake(dead={0})
+    out = _go(fake, 8)
+    assert isinstance(out[0], NodeUnreachable)
+    assert fake.sends[:2] == [0, 1]
+    assert all(isinstance(v, str) for i, v in out.items() if i != 0)
+
+
+def test_when_relaying_fails_everywhere_the_client_sends_to_each() -> None:
+    fake = Fake(broken_relay=True)
+    out = _go(fake, 6)
+    assert set(out.values()) == {"direct"} and sorted(fake.sends) == list(range(6))
+
+
+def test_a_changed_base_is_reported_for_a_whole_resend() -> None:
+    def relay(holder: Node, target: Node) -> str:
+        if target.index == 2:
+            raise BaseChanged("changed")
+        return "relay"
+
+    out = distribute(_nodes(6), send=lambda n: "direct", relay=relay, relay_min=4, concurrency=4)
+    assert isinstance(out[2], BaseChanged) and sum(isinstance(v, str) for v in out.values()) == 5
+
+
+# -- real nodes --------------------------------------------------------------------------
+
+
+def _big_package(root: Path, name: str, mb: int, version: str) -> Path:
+    pkg = make_package(root, name, "#!/bin/sh\ncat version.txt > \"$HOME/started-$(cat version.txt)\"\n",
+                       {"version.txt": version})
+    with open(pkg / "blob.bin", "wb") as f:
+        f.write(os.urandom(mb << 20))
+    return pkg
+
+
+def _release_dir(env: Env, index: int, name: str) -> Path | None:
+    link = env.node_home(index) / name
+    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+
+def test_relayed_inject_sends_once_and_nodes_reach_each_other(venv: Env) -> None:
+    venv.ok("launch", "6")
+    pkg = make_package(venv.root, "hello", "#!/bin/sh\necho hi > \"$HOME/ran\"\n", {"data.txt": "x" * 5000})
+    r = venv.ok("inject", str(pkg))
+    assert r.stdout.count("package sent)") == 1, r.stdout
+    assert r.stdout.count("package from another node)") == 5, r.stdout
+    assert "once; the nodes pass it on" in r.stderr
+    for i in range(6):
+        assert (_release_dir(venv, i, "hello") / "data.txt").read_text() == "x" * 5000  # type: ignore[operator]
+        wait_for((venv.node_home(i) / "ran").exists)
+    # The nodes reach each other with the cluster's internal key, host keys checked.
+    r = venv.ok("run", "ssh -F ~/.vtool/ssh_config default-4 'echo from; pwd'", "--nodes", "1")
+    assert f"{venv.node_home(4)}" in r.stdout
+    # The client's own key never leaves the client.
+    client_key = (venv.vhome / "clusters" / "default" / "id_ed25519").read_text()
+    for i in range(6):
+        assert (venv.node_home(i) / ".vtool" / "relay_key").read_text() != client_key
+        assert stat.S_IMODE((venv.node_home(i) / ".vtool" / "relay_key").stat().st_mode) == 0o600
+    # Unchanged: nothing sent again.
+    r = venv.ok("inject", str(pkg))
+    assert r.stdout.count("package already there)") == 6
+
+
+def _node_dir(env: Env, index: int) -> Path:
+    return env.vhome / "clusters" / "default" / "nodes" / str(index)
+
+
+def _kill_node_when(env: Env, watch: int, kill: int, hits: list[str]) -> threading.Thread:
+    """A thread that kills node ``kill`` (all its processes) the moment node ``watch`` starts
+    receiving a package (its ~/.vtool/releases/.incoming.* folder appears)."""
+    releases = env.node_home(watch) / ".vtool" / "releases"
+
+    def watcher() -> None:
+        import time
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                incoming = [p for p in os.listdir(releases) if p.startswith(".incoming.")]
+            except FileNotFoundError:
+                incoming = []
+            if incoming:
+                LocalProvider._stop_processes(_node_dir(env, kill))
+                hits.append(incoming[0])
+                return
+            time.sleep(0.001)
+
+    t = threading.Thread(target=watcher, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("who", ["receiving", "passing on"])
+def test_a_node_dying_mid_relay_does_not_stop_the_others(venv: Env, who: str) -> None:
+    """Node 3 dies while receiving, or node 0 (the seed) dies while passing the package to
+    node 1: every other node still gets it, the dead node is reported, and a re-run (after
+    `vtool start`) completes it."""
+    venv.ok("launch", "6")
+    dead, watch = (3, 3) if who == "receiving" else (0, 1)
+    for attempt in range(3):  # a 24 MB transfer is long enough to be caught; if not, again
+        pkg = _big_package(venv.root, "big", 24, f"v{attempt}")
+        hits: list[str] = []
+        watcher = _kill_node_when(venv, watch, dead, hits)
+        r = venv.cli("inject", str(pkg), timeout=300)
+        watcher.join(timeout=130)
+        assert hits, "the watched node never started receiving"
+        if r.returncode != 0 or _release_dir(venv, dead, "big") is None:
+            break
+        venv.ok("start", "--nodes", str(dead))  # caught too late: the transfer was over
+    else:
+        pytest.fail("the node could never be stopped during a transfer")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"node {dead}: FAILED" in r.stdout + r.stderr
+    version = (pkg / "version.txt").read_text()
+    for i in range(6):
+        got = _release_dir(venv, i, "big")
+        if i == dead:
+            assert got is None or (got / "version.txt").read_text() != version
+            continue
+        assert got is not None and (got / "version.txt").read_text() == version, (i, r.stdout)
+        assert (got / "blob.bin").read_bytes() == (pkg / "blob.bin").read_bytes()
+    # No half-received package is left behind on the nodes that got it.
+    for i in range(6):
+        if i != dead:
+            assert not [p for p in os.listdir(venv.node_home(i) / ".vtool" / "releases") if p.startswith(".incoming")]
+    # The re-run completes the failed node.
+    venv.ok("start", "--nodes", str(dead))
+    r = venv.ok("inject", str(pkg), "--only-failed", timeout=300)
+    assert f"node {dead}: started" in r.stdout
+    got = _release_dir(venv, dead, "big")
+    assert got is not None and (got / "blob.bin").read_bytes() == (pkg / "blob.bin").read_bytes()
+
+
+# -- deltas --------------------------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, tuple[str, bytes | str, bool]]:
+    """path -> (kind, content or link target, executable) for everything under root."""
+    out: dict[str, tuple[str, bytes | str, bool]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p), False)
+            elif p.is_dir():
+                out[rel] = ("dir", b"", False)
+            else:
+                out[rel] = ("file", p.read_bytes(), bool(p.stat().st_mode & 0o100))
+    return out
+
+
+def test_a_changed_package_sends_only_the_changes(cluster3: Env) -> None:
+    files = {f"src/m{i}.py": f"# module {i}\n" + "x = 1\n" * 200 for i in range(40)}
+    files.update({"data/big.bin": "", "doc/a.txt": "a\n", "doc/gone.txt": "bye\n"})
+    pkg = make_package(cluster3.root, "proj", "#!/bin/sh\ntrue\n", files)
+    (pkg / "data" / "big.bin").write_bytes(os.urandom(2 << 20))
+    (pkg / "tool.sh").write_text("#!/bin/sh\n")
+    (pkg / "tool.sh").chmod(0o755)
+    os.symlink("doc/a.txt", pkg / "link")
+    cluster3.ok("inject", str(pkg))
+    # The program writes results into its release folder: they are not carried over.
+    (_release_dir(cluster3, 0, "proj") / "results.csv").write_text("1,2\n")  # type: ignore[operator]
+
+    (pkg / "src" / "m7.py").write_text("# changed\n")
+    (pkg / "doc" / "gone.txt").unlink()
+    (pkg / "doc" / "new.txt").write_text("new\n")
+    (pkg / "tool.sh").chmod(0o644)
+    os.remove(pkg / "link")
+    os.symlink("src/m1.py", pkg / "link")
+    r = cluster3.ok("inject", str(pkg))
+    assert r.stdout.count("package changes sent)") == 3, r.stdout
+    for i in range(3):
+        assert _tree(_release_dir(cluster3, i, "proj")) == _tree(pkg)  # type: ignore[arg-type]
+    # What went over the wire: the changed and new files, not the 2 MB that stayed the same.
+    deltas = list((cluster3.vhome / "clusters" / "default" / "packages").glob("proj-*.from-proj-*.tar.gz"))
+    assert len(deltas) == 1
+    with tarfile.open(deltas[0]) as tar:
+        sent = {m.name for m in tar.getmembers() if m.isfile()}
+    assert sent == {".vtool-keep", ".vtool-sums", "proj/src/m7.py", "proj/doc/new.txt", "proj/tool.sh"}
+    assert deltas[0].stat().st_size < 10_000
+
+
+def test_a_base_changed_on_a_node_gets_the_whole_package(cluster3: Env) -> None:
+    pkg = make_package(cluster3.root, "proj", "#!/bin/sh\ntrue\n", {"a.txt": "a\n", "b.txt": "b\n"})
+    (pkg / "big.bin").write_bytes(os.urandom(200_000))  # (a delta is sent when clearly smaller)
+    cluster3.ok("inject", str(pkg))
+    (_release_dir(cluster3, 1, "proj") / "b.txt").write_text("edited on the node\n")  # type: ignore[operator]
+    (pkg / "a.txt").write_text("a2\n")
+    r = cluster3.ok("inject", str(pkg))
+    assert "node 1: started (in screen; package sent)" in r.stdout or "node 1: started (detached; package sent)" in r.stdout
+    assert r.stdout.count("package changes sent)") == 2
+    for i in range(3):
+        assert _tree(_release_dir(cluster3, i, "proj")) == _tree(pkg)  # type: ignore[arg-type]
