@@ -21,15 +21,14 @@ import hashlib
 import ipaddress
 import secrets
 import time
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError, ProviderError
-from ..hookspecs import hookimpl
 from ..models import Node, NodeResult, SshTarget
 from ..state import ClusterPaths, ensure_client_key, read_json, write_json
 from .base import Progress
+from .builtin import EC2_DEFAULTS
 
 NAME = "ec2"
 TAG_CLUSTER = "vtool:cluster"
@@ -49,28 +48,7 @@ THROTTLING = {
 }
 CAPACITY = {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientReservedInstanceCapacity"}
 
-DEFAULTS: dict[str, Any] = {
-    "region": "",  # AWS region ("" = boto3's default: AWS_REGION / AWS_DEFAULT_REGION / ~/.aws/config)
-    "aws_profile": "",  # named profile in ~/.aws for credentials ("" = boto3's default chain)
-    "instance_type": "t3.micro",
-    "ami": "",  # AMI id ("" = look up ami_ssm_parameter)
-    "ami_ssm_parameter": "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id",
-    "user": "ubuntu",  # login user on the instances
-    "subnets": [],  # subnet ids to try in order when capacity runs out ([] = the default VPC)
-    "root_volume_gb": 16,
-    "encrypted": True,  # encrypt the root volume
-    "spot": False,  # ask for spot instances
-    "spot_max_price": "",  # highest spot price per hour ("" = the on-demand price)
-    "iam_instance_profile": "",  # instance profile name to attach
-    "ssh_cidr": "",  # who may SSH in ("" = your own public address /32, looked up)
-    "ip_lookup_url": "https://checkip.amazonaws.com",  # answers with your public address (for ssh_cidr)
-    "key_name": "",  # use this existing EC2 key pair instead of importing the cluster key
-    "key_file": "",  # the private key of key_name
-    "min_nodes": 0,  # accept a launch that got at least this many nodes (0 = all or nothing)
-    "address": "public",  # which address vtool connects to: public | private
-    "wait_running": 600,  # seconds to wait for new instances to be running
-    "api_deadline": 300,  # seconds vtool keeps retrying a throttled or failing RunInstances
-}
+DEFAULTS = EC2_DEFAULTS  # the `ec2:` settings (declared in .builtin, read without importing this module)
 
 
 def _boto() -> Any:
@@ -532,6 +510,8 @@ class Ec2Provider:
                 progress(f"warning: ec2.ssh_cidr {cidr} lets the whole internet try to log in over SSH")
             return cidr
         try:
+            import urllib.request  # only here: it costs every command's start-up otherwise
+
             with urllib.request.urlopen(str(self.cfg["ip_lookup_url"]), timeout=5) as r:  # noqa: S310
                 ip = r.read().decode().strip()
             ipaddress.ip_address(ip)
@@ -685,13 +665,3 @@ class Ec2Provider:
             ).get("KeyPairs", [])
             for k in keys:
                 self.call("delete_key_pair", KeyName=k["KeyName"])
-
-
-@hookimpl
-def vtool_register_providers(register: Callable[[str, Any], None]) -> None:
-    register(NAME, Ec2Provider)
-
-
-@hookimpl
-def vtool_config_defaults() -> dict[str, Any]:
-    return {"ec2": DEFAULTS}

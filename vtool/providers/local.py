@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ProviderError
-from ..hookspecs import hookimpl
 from ..models import Node, NodeResult, SshTarget
 from ..ssh import which_local
 from ..state import (
@@ -498,8 +497,3 @@ def _sshd_env() -> dict[str, str]:
     """sshd's own environment: minimal, so nothing of the user's shell leaks into nodes."""
     keep = ("PATH", "LANG", "LC_ALL", "TZ")
     return {k: os.environ[k] for k in keep if k in os.environ}
-
-
-@hookimpl
-def vtool_register_providers(register: Any) -> None:
-    register(NAME, LocalProvider)
