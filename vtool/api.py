@@ -426,18 +426,10 @@ class _Payload:
     size: int
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _full_payload(release: Release) -> _Payload:
     path = Path(release.archive)
     name = f"{release.dirname}.tar.{release.compression}"
-    return _Payload(path, name, remote.install(release, name, _sha256_file(path)), path.stat().st_size)
+    return _Payload(path, name, remote.install(release, name, package.archive_sha256(path)), path.stat().st_size)
 
 
 def _delta_payload(release: Release, base: str) -> _Payload | None:
@@ -449,7 +441,7 @@ def _delta_payload(release: Release, base: str) -> _Payload | None:
     size = path.stat().st_size
     if size > 0.7 * Path(release.archive).stat().st_size:
         return None
-    return _Payload(path, path.name, remote.install(release, path.name, _sha256_file(path), base=base), size)
+    return _Payload(path, path.name, remote.install(release, path.name, package.archive_sha256(path), base=base), size)
 
 
 def _send_payload(
