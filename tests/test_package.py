@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import make_package
 
+from vtool import package
 from vtool.errors import ConfigError
 from vtool.package import build_release, content_hash, select_files
 from vtool.package import make_package as mkpkg
@@ -72,3 +73,29 @@ def test_archive_checks(tmp_path: Path) -> None:
     (bad / "vtool-launch").chmod(0o755)
     with pytest.raises(ConfigError, match="package name"):
         build_release(bad, tmp_path / "s")
+
+
+def test_the_store_keeps_a_few_releases_per_package(tmp_path: Path) -> None:
+    import time
+
+    src = tmp_path / "proj"
+    src.mkdir()
+    (src / "vtool-launch").write_text("#!/bin/sh\n")
+    (src / "vtool-launch").chmod(0o755)
+    store = tmp_path / "store"
+    made = []
+    for i in range(7):
+        (src / "v.txt").write_text(str(i) * 5000)
+        rel = package.build_release(src, store)
+        package.archive_sha256(Path(rel.archive))
+        if made:
+            assert package.write_delta(rel, made[-1].dirname) is not None
+        os.utime(rel.archive, (time.time() - 100 + i, time.time() - 100 + i))  # distinct ages, oldest first
+        made.append(rel)
+    other = package.build_release(make_package(tmp_path, "other", "#!/bin/sh\n"), store)
+    gone = package.prune_store(store, "proj", keep=4, also=(made[0].dirname,))
+    assert sorted(gone) == sorted(r.dirname for r in made[1:3])
+    left = {p.name.split(".")[0] for p in store.iterdir()}
+    assert left == {r.dirname for r in [made[0], *made[3:]]} | {other.dirname}
+    assert Path(other.archive).exists()
+    assert package.load_manifest(made[-1].archive) is not None

@@ -363,7 +363,11 @@ def inject(
     targets = s.select(info, nodes, "inject" if only_failed else None)
     release = prepare_release(src, settings=settings)
     s.pm.hook.vtool_before_inject(cluster=info, nodes=tuple(targets), release=release, settings=settings)
+    previous = s.cache.release()
     s.cache.set_release(release)
+    package.prune_store(
+        s.paths.packages, release.name, also=(release.dirname,) + ((previous.dirname,) if previous else ())
+    )
     progress(f"injecting {release.dirname} into {len(targets)} node(s)")
     live = [x for x in info.nodes if x.state == "running"]
     return s.record(

@@ -389,6 +389,8 @@ def build_release(source: str | Path, store: Path) -> Release:
         dest = store / f"{name}-{digest[:12]}.tar.gz"
         if not dest.exists():
             write_tarball(src, name, entries, dest)
+        else:
+            os.utime(dest)  # the newest release is the last one used (the store keeps a few)
         if not manifest_path(dest).exists():
             _write_manifest(dest, entries, digests)
         return Release(name=name, hash=digest, compression="gz", archive=str(dest), launcher=launcher)
@@ -405,7 +407,35 @@ def build_release(source: str | Path, store: Path) -> Release:
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
+    else:
+        os.utime(dest)
     return Release(name=name, hash=digest, compression=comp, archive=str(dest), launcher=launcher)
+
+
+def prune_store(store: Path, name: str, keep: int = 4, also: tuple[str, ...] = ()) -> list[str]:
+    """Forget all but the ``keep`` newest releases of package ``name`` in the store (and
+    those named in ``also``: release folder names): archives, manifests, checksums, deltas.
+    Returns the release folder names removed. Releases on the nodes are not touched."""
+    pattern = re.compile(rf"^({re.escape(name)}-[0-9a-f]{{12}})\.")
+    groups: dict[str, list[Path]] = {}
+    try:
+        entries = list(store.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = pattern.match(p.name)
+        if m:
+            groups.setdefault(m.group(1), []).append(p)
+
+    def age(dirname: str) -> float:
+        return max((p.stat().st_mtime for p in groups[dirname] if p.exists()), default=0.0)
+
+    ordered = sorted(groups, key=age, reverse=True)
+    gone = [d for d in ordered[keep:] if d not in also]
+    for d in gone:
+        for p in groups[d]:
+            p.unlink(missing_ok=True)
+    return gone
 
 
 def make_package(folder: str | Path, output: str | Path | None = None) -> Path:
