@@ -131,7 +131,13 @@ def test_end_to_end_on_the_ec2_api_with_real_ssh(backed: Aws) -> None:
     assert "vtool-default-0 ssh-ed25519 " in kh and "vtool-default-3 ssh-ed25519 " in kh  # pinned at first contact
     from conftest import EXAMPLES
 
-    r = env.ok("inject", str(EXAMPLES / "hello"))
+    import os
+    import shutil
+
+    pkg = env.root / "hello"
+    shutil.copytree(EXAMPLES / "hello", pkg)
+    (pkg / "data.bin").write_bytes(os.urandom(1_100_000))  # large enough to be relayed
+    r = env.ok("inject", str(pkg))
     # Sent once by the client; the instances passed it on among themselves.
     assert r.stdout.count("package sent)") == 1 and r.stdout.count("package from another node)") == 3, r.stdout
     r = env.ok("run", "cat ~/.vtool/hosts | wc -l; echo $VTOOL_NODE_INDEX")

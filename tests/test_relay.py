@@ -135,6 +135,7 @@ def _release_dir(env: Env, index: int, name: str) -> Path | None:
 def test_relayed_inject_sends_once_and_nodes_reach_each_other(venv: Env) -> None:
     venv.ok("launch", "6")
     pkg = make_package(venv.root, "hello", "#!/bin/sh\necho hi > \"$HOME/ran\"\n", {"data.txt": "x" * 5000})
+    (pkg / "blob.bin").write_bytes(os.urandom(1_100_000))  # (under 1 MB, each node would get it directly)
     r = venv.ok("inject", str(pkg))
     assert r.stdout.count("package sent)") == 1, r.stdout
     assert r.stdout.count("package from another node)") == 5, r.stdout
@@ -242,6 +243,13 @@ def _tree(root: Path) -> dict[str, tuple[str, bytes | str, bool]]:
             else:
                 out[rel] = ("file", p.read_bytes(), bool(p.stat().st_mode & 0o100))
     return out
+
+
+def test_small_packages_and_deltas_go_directly(venv: Env) -> None:
+    venv.ok("launch", "5")
+    pkg = make_package(venv.root, "small", "#!/bin/sh\ntrue\n", {"a.txt": "a" * 1000})
+    r = venv.ok("inject", str(pkg))
+    assert r.stdout.count("package sent)") == 5 and "pass it on" not in r.stderr
 
 
 def test_a_changed_package_sends_only_the_changes(cluster3: Env) -> None:

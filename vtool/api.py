@@ -372,7 +372,16 @@ def inject(
     live = [x for x in info.nodes if x.state == "running"]
     return s.record(
         "inject",
-        _inject_release(s, info, release, targets=targets, everyone=live, progress=progress, before_hook_done=True),
+        _inject_release(
+            s,
+            info,
+            release,
+            targets=targets,
+            everyone=live,
+            progress=progress,
+            before_hook_done=True,
+            tell_others=False,
+        ),
     )
 
 
@@ -422,6 +431,9 @@ def _tell_cluster(
     return s.fan_out(nodes, op)
 
 
+RELAY_MIN_BYTES = 1_000_000  # payloads smaller than this are never relayed
+
+
 @dataclass(frozen=True)
 class _Payload:
     path: Path  # on the client
@@ -433,7 +445,8 @@ class _Payload:
 def _full_payload(release: Release) -> _Payload:
     path = Path(release.archive)
     name = f"{release.dirname}.tar.{release.compression}"
-    return _Payload(path, name, remote.install(release, name, package.archive_sha256(path)), path.stat().st_size)
+    size = path.stat().st_size
+    return _Payload(path, name, remote.install(release, name, size), size)
 
 
 def _delta_payload(release: Release, base: str) -> _Payload | None:
@@ -445,7 +458,7 @@ def _delta_payload(release: Release, base: str) -> _Payload | None:
     size = path.stat().st_size
     if size > 0.7 * Path(release.archive).stat().st_size:
         return None
-    return _Payload(path, path.name, remote.install(release, path.name, package.archive_sha256(path), base=base), size)
+    return _Payload(path, path.name, remote.install(release, path.name, size, base=base), size)
 
 
 def _send_payload(
@@ -493,7 +506,9 @@ def _send_payload(
             f"inject: {what} on {count['done']}/{len(nodes)} node(s)" + (f" (node {index} failed)" if error else "")
         )
 
-    relay_min = s.settings.inject_relay
+    # A small payload (a delta, a script) goes straight to each node over the connections
+    # vtool already has: a relay round would cost more than the bytes it saves.
+    relay_min = s.settings.inject_relay if payload.size >= RELAY_MIN_BYTES else 0
     if relay_min and len(nodes) >= relay_min:
         progress(f"inject: sending {what} ({_size(payload.size)}) once; the nodes pass it on")
     return distribute(
@@ -524,6 +539,7 @@ def _inject_release(
     everyone: Sequence[Node],
     progress: Progress,
     before_hook_done: bool = False,
+    tell_others: bool = True,
 ) -> GroupResult:
     """Check which targets need ``release`` (and which release they have), send each group
     the smallest payload (nothing, a delta, or the package) through ``distribute``, then
@@ -533,7 +549,7 @@ def _inject_release(
         s.pm.hook.vtool_before_inject(cluster=info, nodes=tuple(targets), release=release, settings=s.settings)
     others = [x for x in everyone if x.index not in target_ids]
     holders: list[Node] = []
-    if others:  # (they may already hold the package and pass it on)
+    if others and tell_others:  # after a launch: the cluster changed (and they may pass the package on)
         told = _tell_cluster(s, info, others, release, everyone)
         holders = [info.node(r.index) for r in told.succeeded if r.value == "have"]
     timeout = s.settings.timeout.transfer or None

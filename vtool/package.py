@@ -187,27 +187,6 @@ def content_hash(root: Path, entries: list[Entry], digests: dict[str, str] | Non
     return h.hexdigest()
 
 
-def archive_sha256(path: Path) -> str:
-    """The sha256 of an archive in the package store, computed once: store archives are
-    named by their content and never change, so it is kept next to them."""
-    side = path.with_name(path.name + ".sha256")
-    try:
-        known = side.read_text().strip()
-        if re.fullmatch(r"[0-9a-f]{64}", known):
-            return known
-    except OSError:
-        pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    tmp = side.with_name(f".{side.name}.{os.getpid()}")
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, side)
-    return digest
-
-
 def manifest_path(archive: str | Path) -> Path:
     """Where the manifest of a release built from a folder is kept (next to its archive)."""
     p = Path(archive)

@@ -155,11 +155,17 @@ RELAY_UNREACHABLE = 75  # the relaying node could not reach the receiving one
 RELAY_NO_PAYLOAD = 76  # the relaying node no longer has the payload
 
 
-def install(release: Release, payload: str, sha256: str, base: str | None = None) -> str:
+def install(release: Release, payload: str, size: int, base: str | None = None) -> str:
     """Unpack the payload on stdin into the release folder (atomically; a no-op if present).
 
     The payload (the package, or with ``base`` a delta from that release folder) is also kept
-    as ``~/.vtool/packages/PAYLOAD`` once its sha256 is checked, so this node can pass it on.
+    as ``~/.vtool/packages/PAYLOAD``, so this node can pass it on: the stream's own checksum
+    (gzip's or bzip2's CRC, checked by tar) covers the bytes, and the kept copy's size is
+    checked (a full disk would cut it short).
+
+    With ``base``, the files the delta does not carry are hard links to the base release's,
+    once their sha256 is checked: that release is never changed by vtool, and a base that
+    was changed on the node makes the install exit BASE_CHANGED (the caller sends it whole).
     """
     flag = {"gz": "-z", "bz2": "-j"}[release.compression]
     parts = [
@@ -173,8 +179,8 @@ def install(release: Release, payload: str, sha256: str, base: str | None = None
         "trap 'rm -rf \"$tmp\"' EXIT",
         # Received, kept and unpacked in one pass; the kept copy is checked before it is used.
         f'tee "$tmp/.payload" | tar -x {flag} -f - -C "$tmp" --no-same-owner',
-        f"echo {q(sha256)}'  '\"$tmp/.payload\" | sha256sum -c --status - || "
-        '{ echo "the package arrived damaged (sha256 differs)" >&2; exit 4; }',
+        f'[ "$(stat -c %s "$tmp/.payload")" = {int(size)} ] || '
+        '{ echo "the package arrived incomplete (is the disk full?)" >&2; exit 4; }',
         f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}',
     ]
     if base is not None:
@@ -182,7 +188,7 @@ def install(release: Release, payload: str, sha256: str, base: str | None = None
             f'b="$d/"{q(base)}',
             f'[ -d "$b" ] || exit {BASE_CHANGED}',
             f'if [ -s "$tmp/.vtool-sums" ]; then (cd "$b" && sha256sum -c --status --strict "$tmp/.vtool-sums") || exit {BASE_CHANGED}; fi',
-            f'(cd "$b" && tar -c --null --verbatim-files-from -T "$tmp/.vtool-keep" -f -) | tar -x -f - -C "$tmp/"{q(release.name)}',
+            f'if [ -s "$tmp/.vtool-keep" ]; then (cd "$b" && xargs -0 cp -l --parents -t "$tmp/"{q(release.name)} -- < "$tmp/.vtool-keep"); fi',
         ]
     parts += [
         # Another inject may have unpacked the same release meanwhile: that is as good.
