@@ -98,3 +98,18 @@ def test_the_store_keeps_a_few_releases_per_package(tmp_path: Path) -> None:
     assert left == {r.dirname for r in [made[0], *made[3:]]} | {other.dirname}
     assert Path(other.archive).exists()
     assert package.load_manifest(made[-1].archive) is not None
+
+
+def test_incompressible_content_is_packed_as_a_plain_tar(tmp_path: Path) -> None:
+    """gzip only where it pays: the nodes unpack a plain tar far faster."""
+    data = make_package(tmp_path, "data", "#!/bin/sh\n")
+    (data / "blob.bin").write_bytes(os.urandom(300_000))
+    text = make_package(tmp_path, "text", "#!/bin/sh\n", {f"m{i}.py": "x = 1\n" * 500 for i in range(20)})
+    store = tmp_path / "store"
+    r1, r2 = build_release(data, store), build_release(text, store)
+    assert (r1.compression, r2.compression) == ("none", "gz")
+    assert r1.archive.endswith(".tar") and r2.archive.endswith(".tar.gz")
+    with tarfile.open(r1.archive, "r:") as tar:
+        assert tar.extractfile("data/blob.bin").read() == (data / "blob.bin").read_bytes()  # type: ignore[union-attr]
+    assert build_release(data, store) == r1  # found again, not packed again
+    assert package.load_manifest(r1.archive) is not None

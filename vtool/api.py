@@ -444,7 +444,7 @@ class _Payload:
 
 def _full_payload(release: Release) -> _Payload:
     path = Path(release.archive)
-    name = f"{release.dirname}.tar.{release.compression}"
+    name = f"{release.dirname}.tar" + ("" if release.compression == "none" else f".{release.compression}")
     size = path.stat().st_size
     return _Payload(path, name, remote.install(release, name, size), size)
 
@@ -458,7 +458,7 @@ def _delta_payload(release: Release, base: str) -> _Payload | None:
     size = path.stat().st_size
     if size > 0.7 * Path(release.archive).stat().st_size:
         return None
-    return _Payload(path, path.name, remote.install(release, path.name, size, base=base), size)
+    return _Payload(path, path.name, remote.install(release, path.name, size, base=base, compression="gz"), size)
 
 
 def _send_payload(

@@ -64,7 +64,7 @@ class Release:
 
     name: str
     hash: str
-    compression: str  # "gz" | "bz2"
+    compression: str  # "gz" | "bz2" | "none" (a plain tar)
     archive: str  # local path of the package archive (kept for nodes launched later)
     launcher: str = "vtool-launch"
 

@@ -8,6 +8,7 @@ A package is a folder holding an executable ``vtool-launch`` (or vcloud's
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gzip
 import hashlib
@@ -21,6 +22,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .errors import ConfigError
 from .models import Release
@@ -190,7 +192,7 @@ def content_hash(root: Path, entries: list[Entry], digests: dict[str, str] | Non
 def manifest_path(archive: str | Path) -> Path:
     """Where the manifest of a release built from a folder is kept (next to its archive)."""
     p = Path(archive)
-    return p.with_name(p.name.split(".tar.")[0] + ".manifest.json")
+    return p.with_name(re.sub(r"(\.tar(\.gz|\.bz2)?|\.tgz)$", "", p.name) + ".manifest.json")
 
 
 def load_manifest(archive: str | Path) -> dict[str, dict[str, object]] | None:
@@ -224,7 +226,7 @@ def write_delta(new: Release, base: str) -> Path | None:
     folder name (``NAME-HASH12``). None when vtool did not pack both from folders (an
     archive given by the user has no manifest). Folders and links are always in the delta."""
     store = Path(new.archive).parent
-    new_m, base_m = load_manifest(new.archive), load_manifest(store / f"{base}.tar.gz")
+    new_m, base_m = load_manifest(new.archive), load_manifest(store / f"{base}.tar")
     if new_m is None or base_m is None or not base.startswith(f"{new.name}-"):
         return None
     dest = store / f"{new.dirname}.from-{base}.tar.gz"
@@ -241,7 +243,7 @@ def write_delta(new: Release, base: str) -> Path | None:
         else:
             changed.append(path)
     wanted = {new.name} | {f"{new.name}/{p}" for p in changed}
-    with tarfile.open(new.archive, "r:gz") as src:
+    with tarfile.open(new.archive, "r:*") as src:
         tmp_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
         os.close(tmp_fd)
         try:
@@ -273,16 +275,35 @@ def write_delta(new: Release, base: str) -> Path | None:
     return dest
 
 
-def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level: int = 1) -> None:
-    """A gzip tarball of ``entries`` under the folder ``name/``, owners and modes normalised."""
+class _Counted:
+    """A write-only file that counts what passes through it (tarfile needs write and tell)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.count = inner, 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return int(self.inner.write(data))
+
+    def tell(self) -> int:
+        return self.count
+
+
+def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level: int | None = 1) -> float:
+    """A tarball of ``entries`` under the folder ``name/``, owners and modes normalised:
+    gzip at ``level``, or plain with ``level=None``. Returns compressed/plain size."""
     tmp_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     os.close(tmp_fd)
     try:
-        with (
-            open(tmp, "wb") as raw,
-            gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz,
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
-        ):
+        with contextlib.ExitStack() as stack:
+            raw = stack.enter_context(open(tmp, "wb"))
+            sink: Any = raw
+            if level is not None:
+                sink = stack.enter_context(
+                    gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level, mtime=0)
+                )
+            counted = _Counted(sink)
+            tar = stack.enter_context(tarfile.open(fileobj=counted, mode="w", format=tarfile.PAX_FORMAT))  # type: ignore[call-overload]
             top = tarfile.TarInfo(name)
             top.type, top.mode = tarfile.DIRTYPE, 0o755
             tar.addfile(top)
@@ -306,6 +327,7 @@ def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level
                         tar.addfile(info, f)
         os.chmod(tmp, 0o600)
         os.replace(tmp, dest)
+        return dest.stat().st_size / max(1, counted.count)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -365,14 +387,22 @@ def build_release(source: str | Path, store: Path) -> Release:
         digests = file_digests(src, entries)
         digest = content_hash(src, entries, digests)
         store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # gzip (level 1: fast to pack and to unpack) unless it saves little: incompressible
+        # content (data, binaries) goes as a plain tar, which the nodes unpack ~10x faster.
         dest = store / f"{name}-{digest[:12]}.tar.gz"
-        if not dest.exists():
-            write_tarball(src, name, entries, dest)
-        else:
-            os.utime(dest)  # the newest release is the last one used (the store keeps a few)
+        plain = dest.with_name(f"{name}-{digest[:12]}.tar")
+        if plain.exists():
+            dest = plain
+        elif not dest.exists():
+            if write_tarball(src, name, entries, dest) > 0.9:
+                write_tarball(src, name, entries, plain, level=None)
+                dest.unlink()
+                dest = plain
+        os.utime(dest)  # the newest release is the last one used (the store keeps a few)
         if not manifest_path(dest).exists():
             _write_manifest(dest, entries, digests)
-        return Release(name=name, hash=digest, compression="gz", archive=str(dest), launcher=launcher)
+        comp = "none" if dest == plain else "gz"
+        return Release(name=name, hash=digest, compression=comp, archive=str(dest), launcher=launcher)
     name, launcher = inspect_archive(src)
     comp = next(c for s, c in ARCHIVE_SUFFIXES.items() if src.name.endswith(s))
     h = hashlib.sha256()

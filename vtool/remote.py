@@ -155,7 +155,7 @@ RELAY_UNREACHABLE = 75  # the relaying node could not reach the receiving one
 RELAY_NO_PAYLOAD = 76  # the relaying node no longer has the payload
 
 
-def install(release: Release, payload: str, size: int, base: str | None = None) -> str:
+def install(release: Release, payload: str, size: int, base: str | None = None, compression: str = "") -> str:
     """Unpack the payload on stdin into the release folder (atomically; a no-op if present).
 
     The payload (the package, or with ``base`` a delta from that release folder) is also kept
@@ -163,11 +163,12 @@ def install(release: Release, payload: str, size: int, base: str | None = None) 
     (gzip's or bzip2's CRC, checked by tar) covers the bytes, and the kept copy's size is
     checked (a full disk would cut it short).
 
+    ``compression``: the payload's, when it is not the release's (a delta is a .tar.gz).
     With ``base``, the files the delta does not carry are hard links to the base release's,
     once their sha256 is checked: that release is never changed by vtool, and a base that
     was changed on the node makes the install exit BASE_CHANGED (the caller sends it whole).
     """
-    flag = {"gz": "-z", "bz2": "-j"}[release.compression]
+    flag = {"gz": "-z", "bz2": "-j", "none": ""}[compression or release.compression]
     parts = [
         "set -e",
         'd="$HOME/.vtool/releases"',
