@@ -9,29 +9,45 @@ same run and interleaved (the order of the tools rotates from one run to the nex
 
 - workload 1: ``run hostname`` on N nodes, cold (no shared SSH connection open) and warm (the
   second command in a row), and the second command on the same client inside one process;
+- workload 2: ``inject`` of a 20 MB incompressible package into 8 and 32 nodes, against
+  uploading the same .tar.gz and unpacking it (parallel-ssh, Fabric, ansible ``unarchive``,
+  ``xargs -P`` + ssh) and ``rsync -az`` of the folder per node (what SkyPilot does); every run
+  starts from nodes without the package and is checked on disk (SHA-256 of every file);
+- workload 3: the same with a generated source tree (900 .py files, 14 MB) into 32 nodes;
+- workload 4: re-inject of that tree into 32 nodes, unchanged and with one file changed, the
+  nodes holding the original (put there untimed by the same tool before every run);
 - workload 5: ``scpgetall`` of a 5 MB file (different random bytes on each node) from N nodes;
-- workload 7: ``vtool --help`` against ``inv --help``.
+- workload 6: the bytes the client sends for the injects of workloads 2 and 4, counted at the
+  TCP level by a forwarder per node in this process (vtool is pointed at it by the plugin
+  bench/vtool_bench_proxy.py, the peers by their configuration); the nodes' relay traffic
+  between themselves is not the client's and goes around it;
+- workload 7: ``vtool --help`` against ``inv --help``;
+- workload 8 (scale): ``run true`` on 256 nodes, vtool cold and warm, parallel-ssh and
+  ``xargs -P`` + ssh; the cluster grows to 256 nodes for this row only, after the others.
 
 Every tool runs as a child process. Wall time is the child's; CPU time is user+sys of the
 child and everything it waited for (``os.wait4``), plus what OpenSSH connection masters left
 behind by the child (ControlPersist daemons, adopted by this process as a child subreaper)
-used meanwhile. Memory comes from one more cold and warm run of every row, untimed, that
-samples the PSS of the child's process tree and those masters every 10 ms (``ru_maxrss`` of
+used meanwhile. Memory comes from one more run of every row (cold and warm where a row has
+both), untimed, that samples the PSS of the child's process tree and those masters every 10 ms (``ru_maxrss`` of
 a child of this Python process is useless: Linux counts the parent's pages the child had
 before exec). Every run's result is checked (all N nodes answered, every fetched file has the
-node's bytes); failures are counted in the table, never dropped silently. Traffic goes only
-to 127.0.0.1.
+node's bytes, every node has the whole package); failures are counted in the table, never
+dropped silently. Traffic goes only to 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import datetime
+import functools
 import hashlib
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shlex
@@ -42,11 +58,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -157,6 +175,41 @@ class Sample:
     note: str = ""
     memory_mb: float = float("nan")  # peak of the summed PSS of the client's processes
     largest_mb: float = float("nan")  # peak RSS of its largest process
+
+
+@dataclass
+class Package:
+    """A package folder, and what the peers need of it."""
+
+    folder: Path  # holds vtool-launch; its name is the package's name
+    tarball: Path  # a .tar.gz of the folder (`vtool mkpkg`, gzip -6 as `tar czf`): what the tar peers upload
+    archive: Path  # what vtool sends for it (its package store: a .tar.gz, or a plain .tar if gzip saves little)
+    dirname: str  # vtool's release folder on a node, NAME-HASH12
+    files: dict[str, str]  # every file, relative to the folder -> SHA-256
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def size(self) -> int:
+        """The package's size as vtool sends it (the unit of the bytes rows)."""
+        return self.archive.stat().st_size
+
+    @property
+    def kind(self) -> str:
+        return "plain .tar" if self.archive.name.endswith(".tar") else ".tar.gz"
+
+
+@dataclass
+class Traffic:
+    """What one client command sent and received over TCP (workload 6)."""
+
+    sample: Sample
+    sent: int  # bytes, client -> nodes
+    received: int  # bytes, nodes -> client
+    connections: int  # TCP connections the client opened
+    package: int  # bytes of the package (the tarball), for the multiple
 
 
 @dataclass
@@ -376,6 +429,90 @@ def check_help(word: str) -> Callable[[int, str, str], str | None]:
     return check
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_error(stdout: str, stderr: str) -> str:
+    """The first line that looks like an error, else the end of stderr."""
+    for ln in (stdout + "\n" + stderr).splitlines():
+        if re.search(r"FAIL|UNREACHABLE|[Ee]rror|denied|refused|[Tt]oo many", ln):
+            return ln.strip()[:160]
+    return stderr.strip()[-160:]
+
+
+def check_tree(
+    pkg: Package, roots: list[Path], links: list[Path] | None = None
+) -> Callable[[int, str, str], str | None]:
+    """Every node got the whole package, checked on disk: ``roots[i]`` (node i's copy) holds
+    every file of the package with its SHA-256; with ``links`` (vtool), node i's ``~/NAME``
+    points at ``roots[i]``."""
+
+    def check(rc: int, stdout: str, stderr: str) -> str | None:
+        bad = []
+        for i, root in enumerate(roots):
+            problem = None
+            for rel, digest in pkg.files.items():
+                try:
+                    if _sha256(root / rel) != digest:
+                        problem = f"node {i}: {rel} differs"
+                except OSError:
+                    problem = f"node {i}: no {root.parent.name}/{root.name}/{rel}"
+                if problem:
+                    break
+            if problem is None and links is not None and os.path.realpath(links[i]) != os.path.realpath(root):
+                problem = f"node {i}: ~/{links[i].name} does not point at {root.name}"
+            if problem:
+                bad.append(problem)
+        fails = _failures(stdout)
+        if fails:
+            return _short(fails, len(roots))
+        if bad:
+            return (
+                f"{len(bad)}/{len(roots)} nodes lack the package ({bad[0]}); exit {rc}: {_first_error(stdout, stderr)}"
+            )
+        if rc != 0:
+            return f"exit {rc}: {_first_error(stdout, stderr)}"
+        return None
+
+    return check
+
+
+_TROUBLE = re.compile(r"too many open files|connection refused|connection reset|kex_exchange_identification", re.I)
+
+
+def check_scale(inner: Callable[[int, str, str], str | None]) -> Callable[[int, str, str], str | None]:
+    """``inner``, but first: any "too many open files", refused or reset connection in the
+    output is a failure, whatever the exit code says."""
+
+    def check(rc: int, stdout: str, stderr: str) -> str | None:
+        trouble = [ln.strip() for ln in (stdout + "\n" + stderr).splitlines() if _TROUBLE.search(ln)]
+        if trouble:
+            return f"{len(trouble)} lines of open-file or connection trouble (e.g. {trouble[0][:120]}); exit {rc}"
+        return inner(rc, stdout, stderr)
+
+    return check
+
+
+def check_exit(n: int, summary_line: bool) -> Callable[[int, str, str], str | None]:
+    """A command with no output on n nodes: exit 0 (xargs exits 123 when an ssh failed), and
+    for vtool its own count (``N ok, 0 failed``)."""
+
+    def check(rc: int, stdout: str, stderr: str) -> str | None:
+        if summary_line and f"{n} ok, 0 failed" not in stderr:
+            m = re.search(r"^(\d+) ok, (\d+) failed$", stderr, re.M)
+            return f"{m.group(0) if m else 'no summary line'}; exit {rc}: {_first_error(stdout, stderr)}"
+        if rc != 0:
+            return f"exit {rc}: {_first_error(stdout, stderr)}"
+        return None
+
+    return check
+
+
 # -- the cluster ---------------------------------------------------------------------------
 
 
@@ -389,6 +526,9 @@ class Bench:
     hostkeys: dict[int, str] = field(default_factory=dict)
     results: dict[str, dict[tuple[str, ...], list[Sample]]] = field(default_factory=dict)
     memory: dict[str, dict[tuple[str, ...], Sample]] = field(default_factory=dict)
+    traffic: dict[tuple[str, ...], Traffic] = field(default_factory=dict)  # workload 6
+    packages: dict[str, Package] = field(default_factory=dict)  # made once, by key
+    labels: dict[str, str] = field(default_factory=dict)  # workload -> its name in the summary
     sampling: bool = False  # the untimed memory run
 
     @property
@@ -411,9 +551,16 @@ class Bench:
             check=False,
         )
 
-    def launch(self, n: int) -> None:
+    def node_home(self, i: int) -> Path:
+        return self.cluster_dir / "nodes" / str(i) / "home"
+
+    def launch(self, n: int, ready_timeout: int = 300) -> None:
+        """Add n nodes (launches are additive; ``--no-inject``: a node launched after an inject
+        would otherwise get the cluster's last package) and load their ports and host keys."""
         t0 = time.perf_counter()
-        r = self.vtool("launch", str(n), "--ready-timeout", "300", timeout=900)
+        r = self.vtool(
+            "launch", str(n), "--no-inject", "--ready-timeout", str(ready_timeout), timeout=ready_timeout + 600
+        )
         if r.returncode != 0:
             raise SystemExit(f"bench: vtool launch {n} failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
         say(f"launched {n} nodes in {time.perf_counter() - t0:.1f}s")
@@ -456,13 +603,20 @@ class Bench:
                         pass
         reap()
 
-    # files the peers read
-    def cluster_file(self, n: int) -> Path:
-        path = self.tmp / f"cluster-{n}.json"
-        if not path.exists():
+    # files the peers read; with ``ports`` (index -> port: the byte counters of workload 6)
+    # they connect there instead of to the nodes' own ports, written anew each time.
+    def cluster_file(self, n: int, ports: dict[int, int] | None = None) -> Path:
+        tag = "" if ports is None else "-counted"
+        path = self.tmp / f"cluster-{n}{tag}.json"
+        if ports is not None or not path.exists():
+            via = self.ports if ports is None else ports
+            known = self.tmp / f"known_hosts_ip{tag}"
+            if ports is not None:
+                known.write_text(
+                    "".join(f"[127.0.0.1]:{via[i]} ssh-ed25519 {k}\n" for i, k in sorted(self.hostkeys.items()))
+                )
             nodes = [
-                {"index": i, "alias": f"{CLUSTER}-{i}", "port": self.ports[i], "hostkey": self.hostkeys[i]}
-                for i in range(n)
+                {"index": i, "alias": f"{CLUSTER}-{i}", "port": via[i], "hostkey": self.hostkeys[i]} for i in range(n)
             ]
             path.write_text(
                 json.dumps(
@@ -470,12 +624,45 @@ class Bench:
                         "name": CLUSTER,
                         "user": _user(),
                         "key": str(self.cluster_dir / "id_ed25519"),
-                        "known_hosts_ip": str(self.tmp / "known_hosts_ip"),
+                        "known_hosts_ip": str(known),
                         "nodes": nodes,
                     }
                 )
             )
         return path
+
+    def ssh_config(self, ports: dict[int, int] | None = None) -> Path:
+        """``vtool ssh-config``'s file, or a copy of it whose ``Port`` lines name ``ports``
+        (host keys are still checked: every block has ``HostKeyAlias``)."""
+        path = self.tmp / "ssh_config"
+        if ports is None:
+            return path
+        out, index = [], None
+        for ln in path.read_text().splitlines():
+            m = re.match(rf"^Host {CLUSTER}-(\d+)$", ln)
+            if m:
+                index = int(m.group(1))
+            elif index in ports and re.match(r"^\s+Port \d+$", ln):
+                ln = f"  Port {ports[index]}"
+            out.append(ln)
+        counted = self.tmp / "ssh_config-counted"
+        counted.write_text("\n".join(out) + "\n")
+        return counted
+
+    def counted_env(self, ports: dict[int, int]) -> dict[str, str]:
+        """The environment for a vtool command whose SSH connections go through ``ports``:
+        bench/vtool_bench_proxy.py as a plugin (an entry point in a folder on PYTHONPATH, only
+        for these commands), told where the ports are by VTOOL_BENCH_PROXY_PORTS."""
+        site = self.tmp / "counted-site"
+        if not site.exists():
+            dist = site / "vtool_bench_proxy-0.1.dist-info"
+            dist.mkdir(parents=True)
+            (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vtool-bench-proxy\nVersion: 0.1\n")
+            (dist / "entry_points.txt").write_text("[vtool]\nbenchproxy = vtool_bench_proxy\n")
+            shutil.copy(HERE / "vtool_bench_proxy.py", site / "vtool_bench_proxy.py")
+        table = self.tmp / "counted-ports.json"
+        table.write_text(json.dumps({"cluster": CLUSTER, "ports": {str(i): p for i, p in ports.items()}}))
+        return {**self.env, "PYTHONPATH": str(site), "VTOOL_BENCH_PROXY_PORTS": str(table)}
 
     @property
     def ansible_dir(self) -> Path:
@@ -485,9 +672,10 @@ class Bench:
     def ansible_cp(self) -> Path:
         return self.tmp / "acp"
 
-    def inventory(self, n: int) -> Path:
-        path = self.ansible_dir / f"inventory-{n}.ini"
-        if not path.exists():
+    def inventory(self, n: int, ports: dict[int, int] | None = None) -> Path:
+        path = self.ansible_dir / f"inventory-{n}{'' if ports is None else '-counted'}.ini"
+        via = self.ports if ports is None else ports
+        if ports is not None or not path.exists():
             kh = self.cluster_dir / "known_hosts"
             lines = ["[nodes]"]
             for i in range(n):
@@ -496,7 +684,7 @@ class Bench:
                     f"-o HostKeyAlias=vtool-{CLUSTER}-{i} -o IdentitiesOnly=yes -o BatchMode=yes"
                 )
                 lines.append(
-                    f"{CLUSTER}-{i} ansible_host=127.0.0.1 ansible_port={self.ports[i]} node_index={i} "
+                    f"{CLUSTER}-{i} ansible_host=127.0.0.1 ansible_port={via[i]} node_index={i} "
                     f"node_home={self.cluster_dir}/nodes/{i}/home ansible_ssh_common_args={shlex.quote(common)}"
                 )
             lines += [
@@ -653,6 +841,264 @@ def workload_run(b: Bench, sizes: list[int]) -> None:
         say(render_table(b, "run", only=str(n)))
 
 
+# -- packages for workloads 2, 3, 4 and 6 ---------------------------------------------------
+
+LAUNCHER = "#!/bin/sh\ntrue\n"
+PEER_DIRS = ("p-pssh", "p-fabric", "p-ansible", "p-ssh", "p-rsync")  # each peer's target folder on a node
+WORDS = (
+    "self", "value", "items", "config", "node", "result", "index", "data", "path", "name", "count", "start",
+    "stop", "client", "server", "request", "response", "buffer", "offset", "length", "cache", "state", "event",
+    "handler", "options", "record", "table", "column", "batch", "shard", "tensor", "weight", "gradient", "layer",
+    "model", "loss", "metric", "epoch", "step", "rate", "seed", "sample", "token", "frame", "signal", "window",
+)  # fmt: skip
+
+
+def _pack(folder: Path, store: Path) -> Package:
+    """vtool's archive (``vtool.package.build_release`` into a store of the bench's: byte for
+    byte what ``vtool inject`` sends) and the peers' .tar.gz (``vtool.package.make_package``,
+    gzip -6 like ``tar czf``), both written once, untimed."""
+    from vtool import package as vtool_package
+
+    release = vtool_package.build_release(folder, store)
+    tarball = vtool_package.make_package(folder, store.parent / "peer-tarballs" / f"{release.dirname}.tar.gz")
+    files = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return Package(folder, tarball, Path(release.archive), release.dirname, files)
+
+
+def _launcher(folder: Path) -> None:
+    (folder / "vtool-launch").write_text(LAUNCHER)
+    (folder / "vtool-launch").chmod(0o755)
+
+
+def big_package(b: Bench, mb: int) -> Package:
+    """``bigpkg/``: a trivial vtool-launch and big.bin, mb MB of random (incompressible) bytes."""
+    key = f"big-{mb}"
+    if key not in b.packages:
+        folder = b.tmp / "pkg-big" / "bigpkg"
+        folder.mkdir(parents=True)
+        _launcher(folder)
+        (folder / "big.bin").write_bytes(os.urandom(mb * 2**20))
+        b.packages[key] = _pack(folder, b.tmp / "store")
+    return b.packages[key]
+
+
+def _source_file(rng: random.Random, k: int, size: int) -> str:
+    """Pseudo-Python: repetitive code (compresses well) with a hex constant in every function
+    (compresses poorly), about ``size`` bytes."""
+    lines = [
+        f'"""Module {k}, generated for the vtool benchmark (deterministic pseudo-source)."""',
+        "",
+        "from __future__ import annotations",
+        "",
+        "import os",
+        "",
+    ]
+    n = sum(len(x) + 1 for x in lines)
+    while n < size:
+        w = rng.choices(WORDS, k=6)
+        block = [
+            "",
+            f"def {w[0]}_{w[1]}_{rng.randrange(100000)}({w[2]}, {w[3]}=None):",
+            f'    """Return the {w[4]} of {w[2]} for each {w[5]}."""',
+            f"    {w[4]} = {w[2]}.get({w[3]!r}, {rng.randrange(1000)})",
+            f"    if {w[4]} is None:",
+            f'        raise ValueError("no {w[4]} in " + str({w[2]}))',
+            f'    key = "{rng.randbytes(32).hex()}"',
+            f"    return [{w[5]} * {rng.randrange(100)} for {w[5]} in range({rng.randrange(1, 64)})], key",
+        ]
+        lines += block
+        n += sum(len(x) + 1 for x in block)
+    return "\n".join(lines) + "\n"
+
+
+def source_trees(b: Bench, files: int, mb: float) -> tuple[Package, Package]:
+    """``srcpkg/``: ``files`` .py files in folders of 40, about ``mb`` MB in all, the same text
+    at every run (a fixed seed); and a copy of it with one file changed (a line appended; the
+    other files keep their modification times, as in a checkout where one file was edited)."""
+    key = f"tree-{files}-{mb}"
+    if key not in b.packages:
+        original = b.tmp / "tree-a" / "srcpkg"
+        rng = random.Random(1)
+        average = mb * 2**20 / files
+        for k in range(files):
+            path = original / f"pkg{k // 40:02d}" / f"mod_{k:04d}.py"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(_source_file(rng, k, int(average * rng.uniform(0.3, 1.7))))
+        _launcher(original)
+        changed = b.tmp / "tree-b" / "srcpkg"
+        shutil.copytree(original, changed)  # copy2: the modification times too
+        with open(changed / "pkg00" / "mod_0007.py", "a") as f:
+            f.write("\n# changed for the re-inject benchmark\n")
+        b.packages[key] = _pack(original, b.tmp / "store")
+        b.packages[key + "-changed"] = _pack(changed, b.tmp / "store")
+    return b.packages[key], b.packages[key + "-changed"]
+
+
+def clean_nodes(b: Bench, names: Iterable[str]) -> None:
+    """Every node as before any inject, directly on disk (untimed): no vtool release and no kept
+    payload (``~/.vtool/releases/*``, ``~/.vtool/packages/*``), no ``~/NAME`` link, and every
+    peer's target folder empty (it exists: ansible's unarchive wants it to)."""
+    for i in b.ports:
+        home = b.node_home(i)
+        for sub in (".vtool/releases", ".vtool/packages"):
+            try:
+                entries = list(os.scandir(home / sub))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
+        for name in names:
+            if (home / name).is_symlink():
+                (home / name).unlink()
+        for d in PEER_DIRS:
+            shutil.rmtree(home / d, ignore_errors=True)
+            (home / d).mkdir()
+
+
+# -- workloads 2, 3, 4: inject ----------------------------------------------------------------
+
+
+def inject_tools(b: Bench, n: int, ports: dict[int, int] | None = None) -> dict[str, Callable[[Package], Sample]]:
+    """One function per tool: put a package on nodes 0..n-1. vtool injects the folder (and
+    starts its vtool-launch); the peers upload vtool's tarball of it and unpack it into their
+    own folder ``~/p-TOOL``; rsync copies the folder there. ``ports``: connect to these (the
+    byte counters) instead of the nodes' own ports."""
+    aliases = [f"{CLUSTER}-{i}" for i in range(n)]
+    hosts = "".join(a + "\n" for a in aliases)
+    homes = [b.node_home(i) for i in range(n)]
+    py = sys.executable
+    cfile = str(b.cluster_file(n, ports))
+    ssh = f"ssh -F {b.ssh_config(ports)} -o BatchMode=yes"
+    vtool_env = b.env if ports is None else b.counted_env(ports)
+
+    def into(folder: str, pkg: Package) -> Callable[[int, str, str], str | None]:
+        return check_tree(pkg, [h / folder / pkg.name for h in homes])
+
+    def vtool(pkg: Package) -> Sample:
+        argv = [str(BIN / "vtool"), "inject", str(pkg.folder), "-c", CLUSTER, "--nodes", f"0-{n - 1}"]
+        roots = [h / ".vtool" / "releases" / pkg.dirname for h in homes]
+        return b.measure(argv, check_tree(pkg, roots, links=[h / pkg.name for h in homes]), env=vtool_env)
+
+    def pssh(pkg: Package) -> Sample:
+        argv = [py, str(HERE / "peers.py"), "pssh", "put", cfile, str(pkg.tarball), "p-pssh"]
+        return b.measure(argv, into("p-pssh", pkg))
+
+    def fabric(pkg: Package) -> Sample:
+        argv = [py, str(HERE / "peers.py"), "fabric", "put", cfile, str(pkg.tarball), "p-fabric"]
+        return b.measure(argv, into("p-fabric", pkg))
+
+    def ansible(pkg: Package) -> Sample:
+        argv = [str(BIN / "ansible"), "all", "-i", str(b.inventory(n, ports)), "-m", "unarchive", "-f", str(n)]
+        argv += ["-a", f"src={pkg.tarball} dest={{{{ node_home }}}}/p-ansible"]
+        return b.measure(argv, into("p-ansible", pkg), env=b.ansible_env)
+
+    def xargs_ssh(pkg: Package) -> Sample:
+        remote = shlex.quote("mkdir -p p-ssh && tar -xzf - -C p-ssh")
+        script = f'exec {ssh} "$1" {remote} < {shlex.quote(str(pkg.tarball))}'
+        argv = ["xargs", "-P", str(n), "-I{}", "sh", "-c", script, "sh", "{}"]
+        return b.measure(argv, into("p-ssh", pkg), stdin_text=hosts)
+
+    def rsync(pkg: Package) -> Sample:
+        argv = ["xargs", "-P", str(n), "-I{}", "rsync", "-az", "-e", ssh, str(pkg.folder), "{}:p-rsync/"]
+        return b.measure(argv, into("p-rsync", pkg), stdin_text=hosts)
+
+    return {
+        "vtool inject": vtool,
+        "parallel-ssh scp_send + tar": pssh,
+        "Fabric put + tar": fabric,
+        "ansible -m unarchive": ansible,
+        "xargs -P + ssh tar": xargs_ssh,
+        "xargs -P + rsync -az": rsync,
+    }
+
+
+def _inject_once(
+    b: Bench, go: Callable[[Package], Sample], name: str, pkg: Package, base: Package | None, sampling: bool = False
+) -> Sample:
+    """From a clean state (and with ``base`` put there by the same tool, untimed), cold: put pkg."""
+    clean_nodes(b, {pkg.name, *([base.name] if base else [])})
+    if base is not None:
+        s = go(base)
+        if not s.ok:
+            say(f"  baseline for {name}: FAILED: {s.note}")
+    b.cold()
+    b.sampling = sampling
+    try:
+        return go(pkg)
+    finally:
+        b.sampling = False
+
+
+def measure_injects(
+    b: Bench,
+    workload: str,
+    n: int,
+    mode: str,
+    tools: dict[str, Callable[[Package], Sample]],
+    pkg: Package,
+    base: Package | None = None,
+) -> None:
+    """An untimed warm-up run of every tool, b.runs timed runs (the order rotates), and one
+    more run that samples memory; each run from a clean state (see ``_inject_once``)."""
+    warm_up(b, {name: functools.partial(_inject_once, b, go, name, pkg, base) for name, go in tools.items()})
+    names = list(tools)
+    for r in range(b.runs):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            b.record(workload, (str(n), mode, name), _inject_once(b, tools[name], name, pkg, base))
+    say("  (memory)")
+    for name in names:
+        s = _inject_once(b, tools[name], name, pkg, base, sampling=True)
+        b.sampling = True
+        b.record(workload, (str(n), mode, name), s)
+        b.sampling = False
+    b.cold()
+    clean_nodes(b, {pkg.name, *([base.name] if base else [])})
+
+
+def workload_inject(b: Bench, sizes: list[int], mb: int) -> None:
+    pkg = big_package(b, mb)
+    b.labels["inject"] = f"inject {mb} MB"
+    b.labels["cluster"] = str(len(b.ports))
+    b.labels["inject-desc"] = (
+        f"The package `{pkg.name}/` holds a trivial `vtool-launch` and `big.bin`, {mb} MB of random bytes "
+        f"({pkg.size / 2**20:.2f} MB as vtool's {pkg.kind}; the tar peers upload a .tar.gz of "
+        f"{pkg.tarball.stat().st_size / 2**20:.2f} MB; rsync copies the folder)."
+    )
+    for n in sizes:
+        say(f"\n== workload 2: inject of a {mb} MB incompressible package into {n} nodes, {b.runs} runs ==")
+        measure_injects(b, "inject", n, "cold", inject_tools(b, n), pkg)
+        say(render_table(b, "inject", only=str(n)))
+
+
+def workload_tree(b: Bench, n: int, files: int, mb: float) -> None:
+    pkg, _ = source_trees(b, files, mb)
+    b.labels["tree"] = "inject source tree"
+    b.labels["cluster"] = str(len(b.ports))
+    raw = sum((pkg.folder / rel).stat().st_size for rel in pkg.files)
+    b.labels["tree-desc"] = (
+        f"The package `{pkg.name}/` holds {files} generated .py files and a trivial `vtool-launch`, "
+        f"{raw / 2**20:.1f} MB in all ({pkg.size / 2**20:.2f} MB as vtool's {pkg.kind}, "
+        f"{pkg.tarball.stat().st_size / 2**20:.2f} MB as the peers' .tar.gz): the same text at every "
+        "run, repetitive code with a random hex constant in every function."
+    )
+    say(f"\n== workload 3: inject of a source tree ({files} files, {mb:g} MB) into {n} nodes, {b.runs} runs ==")
+    measure_injects(b, "tree", n, "cold", inject_tools(b, n), pkg)
+    say(render_table(b, "tree"))
+
+
+def workload_reinject(b: Bench, n: int, files: int, mb: float) -> None:
+    original, changed = source_trees(b, files, mb)
+    b.labels["reinject"] = "re-inject source tree"
+    say(f"\n== workload 4: re-inject of the source tree into {n} nodes, {b.runs} runs ==")
+    tools = inject_tools(b, n)
+    measure_injects(b, "reinject", n, "unchanged", tools, original, base=original)
+    measure_injects(b, "reinject", n, "one file changed", tools, changed, base=original)
+    say(render_table(b, "reinject"))
+
+
 # -- workload 5: scpgetall ----------------------------------------------------------------
 
 
@@ -755,6 +1201,165 @@ def workload_help(b: Bench, runs: int) -> None:
     say(render_table(b, "help", columns=("tool",)))
 
 
+# -- workload 6: client bytes -------------------------------------------------------------
+
+
+class ByteCounter:
+    """A TCP forwarder per node, listening on an ephemeral port of 127.0.0.1 and forwarding
+    to the node's sshd, that counts the bytes going each way (and the connections). Runs an
+    asyncio loop in a thread of the bench process, so its CPU is not the client's."""
+
+    def __init__(self, targets: dict[int, int]) -> None:
+        self.targets = dict(targets)
+        self.ports: dict[int, int] = {}
+        self.sent = self.received = self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bench-bytes", daemon=True)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def __enter__(self) -> ByteCounter:
+        self._thread.start()
+        self._call(self._listen())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._call(self._close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
+
+    def reset(self) -> None:
+        async def zero() -> None:
+            self.sent = self.received = self.connections = 0
+
+        self._call(zero())
+
+    def totals(self) -> tuple[int, int, int]:
+        async def read() -> tuple[int, int, int]:
+            return self.sent, self.received, self.connections
+
+        return self._call(read())
+
+    async def _listen(self) -> None:
+        for i, port in sorted(self.targets.items()):
+            server = await asyncio.start_server(functools.partial(self._serve, port), "127.0.0.1", 0, backlog=1024)
+            self._servers.append(server)
+            self.ports[i] = server.sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for w in list(self._writers):
+            w.close()
+
+    async def _serve(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False))
+        for w in (writer, up_writer):
+            w.close()
+            self._writers.discard(w)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
+        try:
+            while data := await reader.read(1 << 18):
+                if up:
+                    self.sent += len(data)
+                else:
+                    self.received += len(data)
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            writer.close()  # and so the other direction ends too
+
+
+def workload_bytes(b: Bench, sizes: list[int], mb: int, tree_n: int, tree: tuple[Package, Package] | None) -> None:
+    """Every tool once per row, through the byte counters: inject of the mb MB package into
+    each size, and (when the source tree is made) its re-inject, unchanged and with one file
+    changed, into tree_n nodes. vtool reaches the counters through bench/vtool_bench_proxy.py;
+    the nodes relay to each other at their own ports, which are not counted."""
+    big = big_package(b, mb)
+    b.labels["sizes"] = f"the {mb} MB package: {big.size / 2**20:.2f} MB" + (
+        f"; the source tree: {tree[0].size / 2**20:.2f} MB" if tree else ""
+    )
+    rows: list[tuple[str, int, Package, Package | None]] = [(f"{mb} MB package", n, big, None) for n in sizes]
+    if tree is not None:
+        rows += [("source tree, unchanged", tree_n, tree[0], tree[0])]
+        rows += [("source tree, one file changed", tree_n, tree[1], tree[0])]
+    say("\n== workload 6: client bytes sent by inject, one run of every tool per row ==")
+    with ByteCounter(b.ports) as counter:
+        try:
+            for mode, n, pkg, base in rows:
+                tools = inject_tools(b, n, counter.ports)
+                for name, go in tools.items():
+                    clean_nodes(b, {pkg.name, *([base.name] if base else [])})
+                    if base is not None:
+                        s = go(base)
+                        if not s.ok:
+                            say(f"  baseline for {name}: FAILED: {s.note}")
+                    b.cold()
+                    counter.reset()
+                    s = go(pkg)
+                    sent, received, conns = counter.totals()
+                    if s.ok and conns == 0:
+                        s = Sample(s.wall, s.cpu, False, "no connection went through the byte counter")
+                    b.traffic[(mode, str(n), name)] = Traffic(s, sent, received, conns, pkg.size)
+                    mark = "ok" if s.ok else f"FAILED: {s.note}"
+                    say(
+                        f"  {mode:<30} {n:>3} {name:<28} sent {sent / 2**20:8.2f} MB ({sent / pkg.size:5.2f}x) "
+                        f"in {conns} connections, {s.wall:6.2f}s  {mark}"
+                    )
+        finally:
+            b.cold()  # close the shared connections that go through the counters first
+    clean_nodes(b, {big.name, *([tree[0].name] if tree else [])})
+    say(render_traffic(b))
+
+
+# -- workload 8: run true on many nodes -----------------------------------------------------
+
+
+def workload_scale(b: Bench, n: int, runs: int) -> None:
+    say(f"\n== scale: run true on {n} nodes, {runs} runs ==")
+    aliases = [f"{CLUSTER}-{i}" for i in range(n)]
+    hosts = "".join(a + "\n" for a in aliases)
+    cfile = str(b.cluster_file(n))
+    ssh_cfg = str(b.ssh_config())
+
+    def vtool() -> Sample:
+        argv = [str(BIN / "vtool"), "run", "true", "-c", CLUSTER, "--nodes", f"0-{n - 1}"]
+        return b.measure(argv, check_scale(check_exit(n, summary_line=True)))
+
+    def pssh() -> Sample:
+        argv = [sys.executable, str(HERE / "peers.py"), "pssh", "exit", cfile, "true"]
+        return b.measure(argv, check_scale(check_aliases(aliases, "exit 0")))
+
+    def xargs_ssh_curve() -> Sample:
+        argv = ["xargs", "-P", str(n), "-I{}", "ssh", "-F", ssh_cfg, "-o", "BatchMode=yes"]
+        argv += ["-o", "KexAlgorithms=curve25519-sha256", "{}", "true"]
+        return b.measure(argv, check_scale(check_exit(n, summary_line=False)), stdin_text=hosts)
+
+    tools = {"vtool run": vtool, "parallel-ssh": pssh, "xargs -P + ssh (curve25519)": xargs_ssh_curve}
+    warm_up(b, tools)
+    names = list(tools)
+    for r in range(runs):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            b.cold()
+            b.record("scale", (str(n), "cold", name), tools[name]())
+            b.record("scale", (str(n), "warm", name), tools[name]())
+    memory_run(b, "scale", str(n), tools)
+    say(render_table(b, "scale"))
+
+
 def warm_up(b: Bench, tools: dict[str, Callable[[], Sample]]) -> None:
     """One untimed run of every tool: bytecode caches, page cache, the nodes' first logins."""
     for name, go in tools.items():
@@ -825,13 +1430,33 @@ def render_table(
     return "\n".join(lines)
 
 
+def render_traffic(b: Bench) -> str:
+    head = ["package", "N", "tool", "client sent MB", "x package", "client received MB", "TCP connections"]
+    head += ["wall s", "ok", "failures"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (mode, n, tool), t in b.traffic.items():
+        name = f"**{tool}**" if tool.startswith("vtool") else tool
+        note = t.sample.note[:300].replace("|", "/").replace("\n", " ")
+        cells = [mode, n, name, f"{t.sent / 2**20:.2f}", f"{t.sent / t.package:.2f}x", f"{t.received / 2**20:.2f}"]
+        cells += [str(t.connections), _fmt(t.sample.wall, 2), "yes" if t.sample.ok else "no", note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary(b: Bench) -> str:
     """vtool's median against the fastest peer's on every row (the issue's targets)."""
     lines = [
         "| workload | N | mode | vtool s | fastest peer | peer s | vtool / peer | target met |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    labels = {"run": "run hostname", "get": "scpgetall"}
+    labels = {
+        "run": "run hostname",
+        "inject": b.labels.get("inject", "inject"),
+        "tree": b.labels.get("tree", "inject source tree"),
+        "reinject": b.labels.get("reinject", "re-inject source tree"),
+        "get": "scpgetall",
+        "scale": "run true",
+    }
     for wl, label in labels.items():
         groups: dict[tuple[str, str], dict[str, list[Sample]]] = {}
         for (n, mode, tool), samples in b.results.get(wl, {}).items():
@@ -918,6 +1543,44 @@ include starting Python and importing the library, as vtool's CLI rows do.
 | ansible-core | `ansible all -i INVENTORY -m command -a hostname -f N`, `-m fetch` | strict: the cluster's known_hosts with `HostKeyAlias` per host | OpenSSH's default (sntrup761x25519) | `-f N`; pipelining on, interpreter given (both favour ansible); ControlPersist 60 s (its default) |
 | xargs + ssh/scp | `xargs -P N -I{} ssh -F CONFIG {} hostname`, `scp` the same way; CONFIG is `vtool ssh-config` | strict (the cluster's known_hosts) | OpenSSH's default; the `(curve25519)` row sets `KexAlgorithms=curve25519-sha256` | `-P N`; no shared connections |
 
+For the injects (workloads 2, 3, 4 and 6) every peer puts the package into a folder of its
+own in the node's home (`~/p-TOOL/NAME`). All but rsync upload a `.tar.gz` of the folder
+(`vtool mkpkg`: gzip -6, as `tar czf` makes) and unpack it with `tar -xzf`. vtool sends its
+own archive (gzip -1, or a plain `.tar` when gzip would save under 10%: the nodes unpack that
+far faster). Both are written once, untimed (vtool's package store keeps its archive), so no
+measured run packs:
+
+| tool | how | parallelism |
+|---|---|---|
+| vtool | `vtool inject FOLDER --nodes 0-N-1`: the client sends the package once to a seed node and the nodes pass it on among themselves (from 4 nodes and 1 MB up, `inject.relay`), unpack it into `~/.vtool/releases/NAME-HASH`, point `~/NAME` at it and start its `vtool-launch` (here `true`); a node that has the release gets nothing, one that has the previous release a delta (under 1 MB, sent to each node directly) | `concurrency` 32 |
+| parallel-ssh | `ParallelSSHClient.scp_send(TARBALL, ...)`, then `run_command("mkdir -p D && tar -xzf ... -C D")` | `pool_size=N` |
+| Fabric | `ThreadingGroup.put` (SFTP), then `ThreadingGroup.run` of the same `tar` | one thread per node |
+| ansible-core | `ansible all -m unarchive -a "src=TARBALL dest=..." -f N` (copies the tarball, unpacks it) | `-f N` |
+| xargs + ssh | `xargs -P N -I{} sh -c 'ssh -F CONFIG {} "mkdir -p D && tar -xzf - -C D" < TARBALL'` | `-P N` |
+| rsync | `xargs -P N -I{} rsync -az -e "ssh -F CONFIG" FOLDER {}:D/` (SkyPilot's way, `-Pavz`, without its progress and listing); incremental by nature | `-P N` |
+
+Every inject run starts from nodes that do not have the package: before it, untimed and
+directly on the nodes' disks, `~/.vtool/releases/*`, `~/.vtool/packages/*` and the `~/NAME`
+link are removed and every peer's folder is emptied (the re-inject rows then let the same tool
+put the original tree there, untimed). The inject rows are all cold. Every run is checked on
+disk: every file of the package, by SHA-256, in every node's copy.
+
+**Bytes (workload 6)**: the bench runs a TCP forwarder per node on 127.0.0.1 (an ephemeral
+port, forwarding to the node's sshd), counting the bytes in each direction and the
+connections. The peers are pointed at these ports (their cluster file, inventory and
+`ssh_config` name them; host keys are checked as before, through `HostKeyAlias` or a
+known_hosts file naming the new ports). vtool is pointed at them by a plugin,
+`bench/vtool_bench_proxy.py` (the hook `vtool_node_address`), registered for those commands
+only (an entry point in a folder put on their PYTHONPATH) and switched on by
+`VTOOL_BENCH_PROXY_PORTS`. The nodes reach each other at their own ports, so vtool's relay
+traffic between nodes is not counted as the client's. A run with no connection through the
+forwarders fails.
+
+**Scale**: `run true` on 256 nodes with `vtool run true` (cold and warm),
+`ParallelSSHClient.run_command` (`pool_size=256`) and `xargs -P 256` + `ssh` (curve25519). A
+run fails if any node fails, or if the output mentions too many open files or a refused or
+reset connection.
+
 **cold**: no shared SSH connection open (every ControlMaster socket of vtool and ansible is
 closed with `ssh -O exit` first). **warm**: the same command again right after. The tools
 that keep no connection between commands reconnect every time, so their warm rows measure
@@ -980,14 +1643,68 @@ def write_report(b: Bench, path: Path, command: str, started: str, seconds: floa
         parts += ["## Workload 1: `run hostname`", ""]
         for n in args.sizes:
             parts += [f"### {n} nodes", "", render_table(b, "run", only=str(n)), ""]
-    if "get" in b.results:
+    m = int(b.labels.get("cluster", "0"))
+    others = (
+        f"The cluster has {m} nodes; every row works on nodes 0 to N-1 (`--nodes 0-N-1`, the peers' host "
+        "lists); the other nodes are emptied too, so none of them can pass vtool the package. Whatever "
+        "vtool does with them is in its time (workload 6 counts the TCP connections each tool opens)."
+    )
+    if "inject" in b.results:
         parts += [
-            f"## Workload 5: `scpgetall` of a {args.get_mb} MB file from {args.get_nodes} nodes",
+            f"## Workload 2: `inject` of a {args.inject_mb} MB incompressible package",
             "",
+            f"{b.labels.get('inject-desc', '')} Before every run (untimed) the nodes are emptied: no "
+            "release, no kept package, no `~/NAME` link, every peer's target folder empty. Every run is "
+            "checked on disk: the SHA-256 of every file of the package in every node's copy (and for vtool, "
+            "`~/NAME` pointing at the release).",
+            "",
+            *([others, ""] if m > min(args.inject_nodes, default=m) else []),
+        ]
+        for n in args.inject_nodes:
+            parts += [f"### {n} nodes", "", render_table(b, "inject", only=str(n)), ""]
+
+    def section(title: str, text: str, table: str, extra: list[str]) -> list[str]:
+        return [title, "", text, "", *extra, table, ""]
+
+    if "tree" in b.results:
+        parts += section(
+            f"## Workload 3: `inject` of a source tree into {args.tree_nodes} nodes",
+            f"{b.labels.get('tree-desc', '')} Clean nodes before every run and checks as in workload 2; "
+            "rsync copies the folder, the other peers upload a .tar.gz of it.",
+            render_table(b, "tree"),
+            [others, ""] if m > args.tree_nodes else [],
+        )
+    if "reinject" in b.results:
+        parts += section(
+            f"## Workload 4: re-`inject` of the source tree into {args.tree_nodes} nodes",
+            "Before every run, untimed: the nodes are emptied, then the same tool puts the original tree "
+            "there. Measured: **unchanged**, the same tree again (vtool sends no package: the nodes have "
+            "it); **one file changed**, the tree with one of its files edited (vtool sends a delta with "
+            "that file; rsync sends that file; the tar peers send the whole tarball again).",
+            render_table(b, "reinject"),
+            [],
+        )
+    if "get" in b.results:
+        parts += section(
+            f"## Workload 5: `scpgetall` of a {args.get_mb} MB file from {args.get_nodes} nodes",
             "Each node has its own random (incompressible) file; every fetched copy is checked "
             "against that node's SHA-256.",
-            "",
             render_table(b, "get"),
+            [],
+        )
+    if b.traffic:
+        parts += [
+            "## Workload 6: bytes the client sends for an inject",
+            "",
+            "One run of every tool per row (the counts do not change from run to run), each from clean "
+            "nodes (for the source-tree rows, with the original tree put there first by the same tool, "
+            "not counted). Every TCP connection of the client goes through a byte-counting forwarder of "
+            "the bench's (see above); **client sent MB** is what the client wrote into them, SSH "
+            "framing included; **x package** divides it by the size of the package as vtool sends it "
+            f"({b.labels.get('sizes', '')}). Node-to-node traffic (vtool's relay) is not the client's "
+            "and is not counted. The wall time includes the forwarder's work on the same CPUs.",
+            "",
+            render_traffic(b),
             "",
         ]
     if "help" in b.results:
@@ -999,21 +1716,45 @@ def write_report(b: Bench, path: Path, command: str, started: str, seconds: floa
             render_table(b, "help", columns=("tool",)),
             "",
         ]
-    parts += [
-        "## Not measured yet",
-        "",
-        "Workloads 2, 3, 4 and 6 of the benchmark (inject of a 20 MB package into 8 and 32 "
-        "nodes, of a source tree, re-inject unchanged and with one file changed, client bytes "
-        "sent by inject, with `rsync` per node as a peer) and `run true` on 256 nodes are not "
-        "in this bench yet.",
-        "",
-    ]
+    if "scale" in b.results:
+        parts += [
+            f"## Scale: `run true` on {args.scale_nodes} nodes ({args.scale_runs or b.runs} runs)",
+            "",
+            f"The cluster is grown to {args.scale_nodes} local nodes for this row only (after the other "
+            "workloads). A run fails if any node fails, and also if the output mentions too many open "
+            "files or a refused or reset connection.",
+            "",
+            render_table(b, "scale"),
+            "",
+        ]
+    missing = [w for w, key in WORKLOAD_KEYS.items() if not any(k in b.results for k in key)]
+    if "6" in missing and b.traffic:
+        missing.remove("6")
+    if missing:
+        parts += [
+            "## Not in this run",
+            "",
+            f"Workloads {', '.join(missing)} were not selected (`--workloads`).",
+            "",
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts))
     say(f"\nwrote {path}")
 
 
 # -- main ----------------------------------------------------------------------------------
+
+# --workloads names -> the keys of their results
+WORKLOAD_KEYS = {
+    "1": ("run",),
+    "2": ("inject",),
+    "3": ("tree",),
+    "4": ("reinject",),
+    "5": ("get",),
+    "6": (),  # b.traffic
+    "7": ("help",),
+    "8": ("scale",),
+}
 
 
 def main() -> None:
@@ -1023,13 +1764,30 @@ def main() -> None:
     ap.add_argument("--get-nodes", type=int, default=32, help="nodes for scpgetall (default 32)")
     ap.add_argument("--get-mb", type=int, default=5, help="size of the fetched file in MB (default 5)")
     ap.add_argument("--help-runs", type=int, default=21, help="runs of the start-up rows (default 21)")
-    ap.add_argument("--workloads", default="1,5,7", help="which workloads (default 1,5,7)")
+    ap.add_argument("--inject-nodes", default="8,32", help="node counts for workload 2 (default 8,32)")
+    ap.add_argument("--inject-mb", type=int, default=20, help="size of workload 2's package in MB (default 20)")
+    ap.add_argument("--tree-nodes", type=int, default=32, help="nodes for workloads 3 and 4 (default 32)")
+    ap.add_argument("--tree-files", type=int, default=900, help="files in the source tree (default 900)")
+    ap.add_argument("--tree-mb", type=float, default=14, help="size of the source tree in MB (default 14)")
+    ap.add_argument("--bytes-nodes", default="8,32", help="node counts for workload 6 (default 8,32)")
+    ap.add_argument("--scale-nodes", type=int, default=256, help="nodes for the scale row (default 256)")
+    ap.add_argument("--scale-runs", type=int, default=0, help="runs of the scale row (default: --runs)")
+    ap.add_argument(
+        "--workloads",
+        default="1,2,3,4,5,6,7,8",
+        help="which workloads (default 1,2,3,4,5,6,7,8; 8 or 'scale' is run true on --scale-nodes nodes)",
+    )
     ap.add_argument("--timeout", type=float, default=180, help="seconds one measured command may take")
     ap.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"), help="the report to write")
     ap.add_argument("--command", default="bash bench/run.sh", help="the command named in the report")
     args = ap.parse_args()
     args.sizes = [int(x) for x in args.sizes.split(",") if x]
-    workloads = {x.strip() for x in args.workloads.split(",")}
+    args.inject_nodes = [int(x) for x in args.inject_nodes.split(",") if x]
+    args.bytes_nodes = [int(x) for x in args.bytes_nodes.split(",") if x]
+    workloads = {"8" if x.strip() == "scale" else x.strip() for x in args.workloads.split(",") if x.strip()}
+    unknown = workloads - set(WORKLOAD_KEYS)
+    if unknown:
+        ap.error(f"unknown workloads {','.join(sorted(unknown))} (choose from 1-8 or scale)")
 
     # 64 nodes, a client with a pipe or socket per node: raise the soft limit to the hard one.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1057,17 +1815,43 @@ def main() -> None:
     t0 = time.perf_counter()
     say(f"bench: temp {tmp}, {args.runs} runs, workloads {','.join(sorted(workloads))}")
     try:
-        nodes = max([*(args.sizes if "1" in workloads else []), args.get_nodes if "5" in workloads else 0])
+        # The nodes the workloads need, launched once; the scale row's (many more) are added
+        # just before it, last, so that the other rows run on the smaller cluster.
+        needed = {
+            "1": max(args.sizes, default=0),
+            "2": max(args.inject_nodes, default=0),
+            "3": args.tree_nodes,
+            "4": args.tree_nodes,
+            "5": args.get_nodes,
+            "6": max([*args.bytes_nodes, args.tree_nodes if {"3", "4"} & workloads else 0]),
+            "8": args.scale_nodes if workloads == {"8"} else 0,
+        }
+        nodes = max([needed.get(w, 0) for w in workloads], default=0)
         if nodes:
             set_subreaper(False)
-            b.launch(nodes)
+            b.launch(nodes, ready_timeout=600 if nodes > 64 else 300)
         set_subreaper(True)
         if "1" in workloads:
             workload_run(b, args.sizes)
+        if "2" in workloads:
+            workload_inject(b, args.inject_nodes, args.inject_mb)
+        if "3" in workloads:
+            workload_tree(b, args.tree_nodes, args.tree_files, args.tree_mb)
+        if "4" in workloads:
+            workload_reinject(b, args.tree_nodes, args.tree_files, args.tree_mb)
         if "5" in workloads:
             workload_get(b, args.get_nodes, args.get_mb)
+        if "6" in workloads:
+            tree = source_trees(b, args.tree_files, args.tree_mb) if {"3", "4"} & workloads else None
+            workload_bytes(b, args.bytes_nodes, args.inject_mb, args.tree_nodes, tree)
         if "7" in workloads:
             workload_help(b, args.help_runs)
+        if "8" in workloads:
+            if len(b.ports) < args.scale_nodes:
+                set_subreaper(False)
+                b.launch(args.scale_nodes - len(b.ports), ready_timeout=600)
+                set_subreaper(True)
+            workload_scale(b, args.scale_nodes, args.scale_runs or args.runs)
     finally:
         say("terminating the nodes")
         if b.cluster_dir.exists():  # also after a launch that failed half-way

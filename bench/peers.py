@@ -6,8 +6,11 @@ bench.py so that their wall time, CPU time and memory are measured like a comman
 TOOL is ``pssh`` (parallel-ssh's ParallelSSHClient), ``fabric`` (Fabric's ThreadingGroup,
 used directly) or ``vtool-api`` (vtool's own Python API, for the in-process rows). ACTION is
 ``run`` (``hostname`` once), ``run2`` (``hostname`` twice on the same client; the second
-command's wall time is printed as ``SECOND <seconds>``) or ``get`` (fetch ARG from every node
-into the folder given as the 4th argument).
+command's wall time is printed as ``SECOND <seconds>``), ``get`` (fetch ARG from every node
+into the folder given as the 4th argument), ``put`` (upload the tarball ARG to every node as
+``DIR.tar.gz`` in its home and unpack it into ``~/DIR``, DIR being the 4th argument: what
+these tools do instead of ``vtool inject``) or ``exit`` (run the command ARG once and print
+its exit code, for ``run true`` on many nodes).
 
 CLUSTER_JSON is written by bench.py: the nodes' aliases and ports, the cluster key, a
 known_hosts file translated to ``[127.0.0.1]:PORT`` names, and the pinned host keys.
@@ -98,6 +101,52 @@ def pssh_get(cluster: dict[str, Any], remote: str, dest: str) -> None:
     _pssh_check_host_keys(client, cluster)
 
 
+def _unpack(folder: str) -> str:
+    """The node command after an upload: unpack ``folder.tar.gz`` into ``folder`` and delete it."""
+    return f"mkdir -p {folder} && tar -xzf {folder}.tar.gz -C {folder} && rm -f {folder}.tar.gz"
+
+
+def pssh_put(cluster: dict[str, Any], tarball: str, folder: str) -> None:
+    """Upload with SCP (``scp_send``; ``copy_file`` would use SFTP), then unpack with
+    ``run_command``; a node whose upload failed is reported once, as that failure."""
+    from gevent import joinall
+
+    client = _pssh_client(cluster)
+    nodes = _nodes(cluster)
+    greenlets = client.scp_send(tarball, f"{folder}.tar.gz")
+    joinall(greenlets, timeout=600)
+    failed = set()
+    for node, g in zip(nodes, greenlets, strict=True):
+        if g.exception is not None or not g.ready():
+            print(f"FAIL {node['alias']} upload: {g.exception!r}", flush=True)
+            failed.add(node["alias"])
+    output = client.run_command(_unpack(folder), stop_on_errors=False, read_timeout=600)
+    client.join(output, timeout=600)
+    for host_out in output:
+        if host_out.alias in failed:
+            continue
+        if host_out.exception is not None:
+            print(f"FAIL {host_out.alias} {type(host_out.exception).__name__}: {host_out.exception}", flush=True)
+        elif host_out.exit_code != 0:
+            err = " ".join(host_out.stderr or [])[:200]
+            print(f"FAIL {host_out.alias} unpacking: exit {host_out.exit_code}: {err}", flush=True)
+        else:
+            print(f"{host_out.alias} unpacked", flush=True)
+    _pssh_check_host_keys(client, cluster)
+
+
+def pssh_exit(cluster: dict[str, Any], command: str) -> None:
+    client = _pssh_client(cluster)
+    output = client.run_command(command, stop_on_errors=False, read_timeout=300)
+    client.join(output, timeout=300)
+    for host_out in output:
+        if host_out.exception is not None:
+            print(f"FAIL {host_out.alias} {type(host_out.exception).__name__}: {host_out.exception}", flush=True)
+        else:
+            print(f"{host_out.alias} exit {host_out.exit_code}", flush=True)
+    _pssh_check_host_keys(client, cluster)
+
+
 # -- Fabric -----------------------------------------------------------------------------
 
 
@@ -163,6 +212,40 @@ def fabric_get(cluster: dict[str, Any], remote: str, dest: str) -> None:
     group.close()
 
 
+def fabric_put(cluster: dict[str, Any], tarball: str, folder: str) -> None:
+    """``ThreadingGroup.put`` (SFTP), then ``ThreadingGroup.run`` to unpack, on every node
+    whose upload succeeded."""
+    from fabric import ThreadingGroup
+    from fabric.exceptions import GroupException
+
+    group = _fabric_group(cluster)
+    try:
+        uploaded = group.put(tarball, remote=f"{folder}.tar.gz")
+    except GroupException as e:
+        uploaded = e.result
+    by_port = {n["port"]: n for n in _nodes(cluster)}
+    good = []
+    for conn, value in uploaded.items():
+        if isinstance(value, BaseException):
+            print(f"FAIL {by_port[conn.port]['alias']} upload: {type(value).__name__}: {value}", flush=True)
+        else:
+            good.append(conn)
+    if good:
+        try:
+            results = ThreadingGroup.from_connections(good).run(_unpack(folder), hide=True, warn=True, timeout=600)
+        except GroupException as e:
+            results = e.result
+        for conn, value in results.items():
+            alias = by_port[conn.port]["alias"]
+            if isinstance(value, BaseException):
+                print(f"FAIL {alias} {type(value).__name__}: {value}", flush=True)
+            elif not value.ok:
+                print(f"FAIL {alias} unpacking: exit {value.exited}: {value.stderr.strip()[:200]}", flush=True)
+            else:
+                print(f"{alias} unpacked", flush=True)
+    group.close()
+
+
 # -- vtool's Python API (for the in-process rows) --------------------------------------
 
 
@@ -192,10 +275,15 @@ def main(argv: list[str]) -> None:
         cluster = json.load(f)
     runs = {"pssh": pssh_run, "fabric": fabric_run, "vtool-api": vtool_api_run}
     gets = {"pssh": pssh_get, "fabric": fabric_get}
+    puts = {"pssh": pssh_put, "fabric": fabric_put}
     if action in ("run", "run2"):
         runs[tool](cluster, 1 if action == "run" else 2)
     elif action == "get":
         gets[tool](cluster, argv[3], argv[4])
+    elif action == "put":
+        puts[tool](cluster, argv[3], argv[4])
+    elif action == "exit" and tool == "pssh":
+        pssh_exit(cluster, argv[3])
     else:
         raise SystemExit(f"unknown action {action!r}")
 

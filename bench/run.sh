@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark in one command: a venv with this repository's vtool and the peers
-# (parallel-ssh, Fabric, ansible-core), then bench/bench.py, which launches local nodes,
-# measures vtool and the peers side by side and rewrites docs/benchmarks.md.
+# (parallel-ssh, Fabric, ansible-core; rsync from apt-get if missing), then bench/bench.py,
+# which launches local nodes, measures vtool and the peers side by side and rewrites
+# docs/benchmarks.md.
 #
 #   bash bench/run.sh                 # everything, 5 runs of every row
 #   bash bench/run.sh --runs 3        # arguments go to bench/bench.py (--help lists them)
@@ -17,6 +18,14 @@ for tool in ssh scp ssh-keygen xargs; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install openssh-client findutils)" >&2; exit 3; }
 done
 [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null || { echo "bench: sshd is missing (apt-get install openssh-server)" >&2; exit 3; }
+# rsync (a peer of the inject rows, on the client and, the same binary, on the local nodes).
+if ! command -v rsync >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "bench: installing rsync" >&2
+        apt-get install -y -q rsync >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q rsync >/dev/null; }
+    fi
+    command -v rsync >/dev/null || { echo "bench: rsync is missing (apt-get install rsync)" >&2; exit 3; }
+fi
 
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
