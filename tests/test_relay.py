@@ -162,18 +162,22 @@ def _node_dir(env: Env, index: int) -> Path:
 
 def _kill_node_when(env: Env, watch: int, kill: int, hits: list[str]) -> threading.Thread:
     """A thread that kills node ``kill`` (all its processes) the moment node ``watch`` starts
-    receiving a package (its ~/.vtool/releases/.incoming.* folder appears)."""
-    releases = env.node_home(watch) / ".vtool" / "releases"
+    receiving a package (~/.vtool/packages/.PAYLOAD.part.* appears: relayed nodes keep the
+    package first and unpack it afterwards; ~/.vtool/releases/.incoming.* when sent directly)."""
+    places = [(env.node_home(watch) / ".vtool" / "packages", ".part."),
+              (env.node_home(watch) / ".vtool" / "releases", ".incoming.")]
 
     def watcher() -> None:
         import time
 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            try:
-                incoming = [p for p in os.listdir(releases) if p.startswith(".incoming.")]
-            except FileNotFoundError:
-                incoming = []
+            incoming = []
+            for folder, mark in places:
+                try:
+                    incoming += [p for p in os.listdir(folder) if mark in p]
+                except FileNotFoundError:
+                    pass
             if incoming:
                 LocalProvider._stop_processes(_node_dir(env, kill))
                 hits.append(incoming[0])
@@ -218,6 +222,7 @@ def test_a_node_dying_mid_relay_does_not_stop_the_others(venv: Env, who: str) ->
     for i in range(6):
         if i != dead:
             assert not [p for p in os.listdir(venv.node_home(i) / ".vtool" / "releases") if p.startswith(".incoming")]
+            assert not [p for p in os.listdir(venv.node_home(i) / ".vtool" / "packages") if ".part." in p]
     # The re-run completes the failed node.
     venv.ok("start", "--nodes", str(dead))
     r = venv.ok("inject", str(pkg), "--only-failed", timeout=300)

@@ -438,15 +438,18 @@ RELAY_MIN_BYTES = 1_000_000  # payloads smaller than this are never relayed
 class _Payload:
     path: Path  # on the client
     name: str  # as kept in ~/.vtool/packages on the nodes
-    install: str  # the node command that unpacks it from stdin
+    install: str  # the node command that keeps it and unpacks it from stdin (sent directly)
     size: int
+    unpack: str  # the node command that unpacks the kept copy (relayed: received first, passed on, then this)
 
 
 def _full_payload(release: Release) -> _Payload:
     path = Path(release.archive)
     name = f"{release.dirname}.tar" + ("" if release.compression == "none" else f".{release.compression}")
     size = path.stat().st_size
-    return _Payload(path, name, remote.install(release, name, size), size)
+    return _Payload(
+        path, name, remote.install(release, name, size), size, remote.install(release, name, size, kept=True)
+    )
 
 
 def _delta_payload(release: Release, base: str) -> _Payload | None:
@@ -458,7 +461,13 @@ def _delta_payload(release: Release, base: str) -> _Payload | None:
     size = path.stat().st_size
     if size > 0.7 * Path(release.archive).stat().st_size:
         return None
-    return _Payload(path, path.name, remote.install(release, path.name, size, base=base, compression="gz"), size)
+    return _Payload(
+        path,
+        path.name,
+        remote.install(release, path.name, size, base=base, compression="gz"),
+        size,
+        remote.install(release, path.name, size, base=base, compression="gz", kept=True),
+    )
 
 
 def _send_payload(
@@ -470,9 +479,17 @@ def _send_payload(
     progress: Progress,
     what: str,
 ) -> dict[int, str | VtoolError]:
-    """``distribute`` wired to SSH: the client sends with ``install``, a holder with ``relay``."""
+    """``distribute`` wired to SSH. Sent directly, a node keeps and unpacks the payload in one
+    pass (``install``). Relayed, every node first only keeps it (``receive``), so it can pass
+    it on at once, and all unpack at the end in parallel: unpacking is then off the relay's
+    critical path."""
     timeout = s.settings.timeout.transfer or None
     count = {"done": 0}
+    # A small payload (a delta, a script) goes straight to each node over the connections
+    # vtool already has: a relay round would cost more than the bytes it saves.
+    relay_min = s.settings.inject_relay if payload.size >= RELAY_MIN_BYTES else 0
+    relaying = bool(relay_min) and len(nodes) >= relay_min
+    transfer = remote.receive(payload.name, payload.size) if relaying else payload.install
 
     def check(r: CommandResult, where: str) -> None:
         if r.exit_code == remote.BASE_CHANGED:
@@ -483,13 +500,13 @@ def _send_payload(
 
     def send(node: Node) -> str:
         with open(payload.path, "rb") as f:
-            r = s.client(node).run(payload.install, input=f, timeout=timeout)
+            r = s.client(node).run(transfer, input=f, timeout=timeout)
         check(r, "")
         return "direct"
 
     def relay(holder: Node, target: Node) -> str:
         try:
-            r = s.client(holder).run(remote.relay(target, payload.name, payload.install), timeout=timeout)
+            r = s.client(holder).run(remote.relay(target, payload.name, transfer), timeout=timeout)
         except NodeError as e:
             raise HolderLost(f"node {holder.index}, passing the package on, failed: {e}") from None
         if r.exit_code == remote.RELAY_NO_PAYLOAD:
@@ -502,16 +519,14 @@ def _send_payload(
 
     def done(index: int, error: VtoolError | None) -> None:
         count["done"] += 1
+        verb = "received" if relaying else "on"
         progress(
-            f"inject: {what} on {count['done']}/{len(nodes)} node(s)" + (f" (node {index} failed)" if error else "")
+            f"inject: {what} {verb} {count['done']}/{len(nodes)} node(s)" + (f" (node {index} failed)" if error else "")
         )
 
-    # A small payload (a delta, a script) goes straight to each node over the connections
-    # vtool already has: a relay round would cost more than the bytes it saves.
-    relay_min = s.settings.inject_relay if payload.size >= RELAY_MIN_BYTES else 0
-    if relay_min and len(nodes) >= relay_min:
+    if relaying:
         progress(f"inject: sending {what} ({_size(payload.size)}) once; the nodes pass it on")
-    return distribute(
+    out = distribute(
         nodes,
         send=send,
         relay=relay,
@@ -520,6 +535,33 @@ def _send_payload(
         holders=holders,
         on_done=done,
     )
+    if not relaying:
+        return out
+
+    def unpack(node: Node) -> str:
+        try:
+            check(s.client(node).run(payload.unpack, timeout=timeout), "")
+        except BaseChanged:
+            return "base changed"
+        return str(out[node.index])
+
+    got = [x for x in nodes if isinstance(out.get(x.index), str)]
+    unpacked_count = {"done": 0}
+
+    def unpacked_one(r: NodeResult) -> None:
+        unpacked_count["done"] += 1
+        progress(
+            f"inject: unpacked on {unpacked_count['done']}/{len(got)} node(s)"
+            + ("" if r.ok else f" (node {r.index} failed)")
+        )
+
+    unpacked = s.fan_out(got, unpack, on_done=unpacked_one)
+    for r in unpacked.results:
+        if not r.ok:
+            out[r.index] = NodeError(r.error or "unpacking failed")
+        elif r.value == "base changed":
+            out[r.index] = BaseChanged("the release it had was changed on the node")
+    return out
 
 
 def _size(n: float) -> str:

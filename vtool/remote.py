@@ -155,7 +155,9 @@ RELAY_UNREACHABLE = 75  # the relaying node could not reach the receiving one
 RELAY_NO_PAYLOAD = 76  # the relaying node no longer has the payload
 
 
-def install(release: Release, payload: str, size: int, base: str | None = None, compression: str = "") -> str:
+def install(
+    release: Release, payload: str, size: int, base: str | None = None, compression: str = "", kept: bool = False
+) -> str:
     """Unpack the payload on stdin into the release folder (atomically; a no-op if present).
 
     The payload (the package, or with ``base`` a delta from that release folder) is also kept
@@ -164,6 +166,7 @@ def install(release: Release, payload: str, size: int, base: str | None = None, 
     checked (a full disk would cut it short).
 
     ``compression``: the payload's, when it is not the release's (a delta is a .tar.gz).
+    ``kept``: unpack the copy already in ``~/.vtool/packages`` (see ``receive``), not stdin.
     With ``base``, the files the delta does not carry are hard links to the base release's,
     once their sha256 is checked: that release is never changed by vtool, and a base that
     was changed on the node makes the install exit BASE_CHANGED (the caller sends it whole).
@@ -175,30 +178,71 @@ def install(release: Release, payload: str, size: int, base: str | None = None, 
         'pk="$HOME/.vtool/packages"',
         'mkdir -p "$d" "$pk"',
         f'rel="$d/"{q(release.dirname)}',
-        'if [ -d "$rel" ]; then cat >/dev/null; exit 0; fi',
-        'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
-        "trap 'rm -rf \"$tmp\"' EXIT",
-        # Received, kept and unpacked in one pass; the kept copy is checked before it is used.
-        f'tee "$tmp/.payload" | tar -x {flag} -f - -C "$tmp" --no-same-owner',
-        f'[ "$(stat -c %s "$tmp/.payload")" = {int(size)} ] || '
-        '{ echo "the package arrived incomplete (is the disk full?)" >&2; exit 4; }',
-        f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}',
     ]
+    if kept:
+        parts += [
+            'if [ -d "$rel" ]; then exit 0; fi',
+            f'[ -f "$pk/"{q(payload)} ] || {{ echo "the package is not on the node" >&2; exit 4; }}',
+            'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
+            "trap 'rm -rf \"$tmp\"' EXIT",
+            f'tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner',
+        ]
+    else:
+        parts += [
+            'if [ -d "$rel" ]; then cat >/dev/null; exit 0; fi',
+            'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
+            "trap 'rm -rf \"$tmp\"' EXIT",
+            # Received, kept and unpacked in one pass; the kept copy is checked before it is used.
+            f'tee "$tmp/.payload" | tar -x {flag} -f - -C "$tmp" --no-same-owner',
+            f'[ "$(stat -c %s "$tmp/.payload")" = {int(size)} ] || '
+            '{ echo "the package arrived incomplete (is the disk full?)" >&2; exit 4; }',
+        ]
+    parts.append(
+        f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}'
+    )
     if base is not None:
         parts += [
             f'b="$d/"{q(base)}',
             f'[ -d "$b" ] || exit {BASE_CHANGED}',
-            f'if [ -s "$tmp/.vtool-sums" ]; then (cd "$b" && sha256sum -c --status --strict "$tmp/.vtool-sums") || exit {BASE_CHANGED}; fi',
+            # The base's files are trusted without reading them when none of the ones kept was
+            # modified since it was unpacked (the stamp); else their sha256 decides.
+            f'st="$d/."{q(base)}".unpacked"',
+            'if [ -s "$tmp/.vtool-keep" ] && [ -f "$st" ] && (cd "$b" && sed -z "s|^|./|" "$tmp/.vtool-keep" '
+            '| xargs -0 sh -c \'find "$@" -prune -newer "$0" -print\' "$st") > "$tmp/.newer" 2>/dev/null '
+            '&& [ ! -s "$tmp/.newer" ]; then :; '
+            f'elif [ -s "$tmp/.vtool-sums" ]; then (cd "$b" && sha256sum -c --status --strict "$tmp/.vtool-sums") || exit {BASE_CHANGED}; fi',
             f'if [ -s "$tmp/.vtool-keep" ]; then (cd "$b" && xargs -0 cp -l --parents -t "$tmp/"{q(release.name)} -- < "$tmp/.vtool-keep"); fi',
         ]
     parts += [
         # Another inject may have unpacked the same release meanwhile: that is as good.
         f'mv -T "$tmp/"{q(release.name)} "$rel" 2>/dev/null || [ -d "$rel" ]',
-        f'mv -f "$tmp/.payload" "$pk/"{q(payload)}',
+        f'touch "$d/."{q(release.dirname)}".unpacked"',  # when it was unpacked (see base above)
+        "true" if kept else f'mv -f "$tmp/.payload" "$pk/"{q(payload)}',
         # Keep only this release's payloads (a node passes on what it has just received).
         f'for f in "$pk"/*; do case "${{f##*/}}" in {q(release.dirname)}*) ;; *) rm -f -- "$f";; esac; done',
     ]
     return "; ".join(parts)
+
+
+def receive(payload: str, size: int) -> str:
+    """Keep the payload on stdin as ``~/.vtool/packages/PAYLOAD`` (size checked), without
+    unpacking it: a relayed node can pass it on at once and unpack it afterwards (``install``
+    with ``kept``). SSH's integrity check covers the transfer; the unpack checks gzip's CRC."""
+    f = f'"$pk/"{q(payload)}'
+    return "; ".join(
+        [
+            "set -e",
+            'pk="$HOME/.vtool/packages"',
+            'mkdir -p "$pk"',
+            f'if [ -f {f} ] && [ "$(stat -c %s {f})" = {int(size)} ]; then cat >/dev/null; exit 0; fi',
+            f'part="$pk/."{q(payload)}".part.$$"',
+            "trap 'rm -f \"$part\"' EXIT",
+            'cat > "$part"',
+            f'[ "$(stat -c %s "$part")" = {int(size)} ] || '
+            '{ echo "the package arrived incomplete (is the disk full?)" >&2; exit 4; }',
+            f'mv -f "$part" {f}',
+        ]
+    )
 
 
 def relay(to: Node, payload: str, install_command: str) -> str:
