@@ -416,14 +416,24 @@ def _trust(s: Session, everyone: Sequence[Node]) -> tuple[tuple[str, str, str], 
 
 
 def _tell_cluster(
-    s: Session, info: ClusterInfo, nodes: Sequence[Node], release: Release | None, everyone: Sequence[Node] = ()
+    s: Session,
+    info: ClusterInfo,
+    nodes: Sequence[Node],
+    release: Release | None,
+    everyone: Sequence[Node] = (),
+    *,
+    trusted: tuple[tuple[str, str, str], bytes] | None = None,
+    before: Callable[[Node], None] | None = None,
 ) -> GroupResult:
     """Write cluster.env/hosts/other_hosts and the nodes' SSH set-up on ``nodes``; with a
-    release, each result's value is ``have`` or ``need BASE`` for it."""
+    release, each result's value is ``have`` or ``need BASE`` for it. ``trusted``: what
+    ``_trust`` gave (computed here if not); ``before(node)`` runs first on each node."""
     everyone = everyone or [x for x in info.nodes if x.state == "running"]
-    trust, secret = _trust(s, everyone)
+    trust, secret = trusted or _trust(s, everyone)
 
     def op(node: Node) -> str:
+        if before is not None:
+            before(node)
         cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release, trust)
         r = s.client(node).run(cmd, input=secret, timeout=s.settings.timeout.transfer or None, check=True)
         return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
@@ -590,24 +600,22 @@ def _inject_release(
     if not before_hook_done:
         s.pm.hook.vtool_before_inject(cluster=info, nodes=tuple(targets), release=release, settings=s.settings)
     others = [x for x in everyone if x.index not in target_ids]
+    trusted = _trust(s, everyone)
     holders: list[Node] = []
     if others and tell_others:  # after a launch: the cluster changed (and they may pass the package on)
-        told = _tell_cluster(s, info, others, release, everyone)
+        told = _tell_cluster(s, info, others, release, everyone, trusted=trusted)
         holders = [info.node(r.index) for r in told.succeeded if r.value == "have"]
     timeout = s.settings.timeout.transfer or None
     ready_by = time.monotonic() + s.settings.timeout.ready
-    trust, secret = _trust(s, everyone)
+    pinned = pinned_aliases(s.paths)
 
-    def check(node: Node) -> str:
+    def ready(node: Node) -> None:
         if node.state not in ("running", "pending"):
             raise NodeError(f"node is {node.state}")
-        if node.host_key_alias not in pinned_aliases(s.paths):  # launched with --no-wait
+        if node.host_key_alias not in pinned:  # launched with --no-wait
             wait_ready(s, node, ready_by)
-        cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release, trust)
-        r = s.client(node).run(cmd, input=secret, timeout=timeout, check=True)
-        return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
 
-    checked = s.fan_out(targets, check)
+    checked = _tell_cluster(s, info, targets, release, everyone, trusted=trusted, before=ready)
     failed: dict[int, NodeResult] = {r.index: r for r in checked.failed}
     how: dict[int, str] = {}
     by_base: dict[str, list[Node]] = {}

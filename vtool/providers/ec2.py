@@ -28,7 +28,6 @@ from ..errors import ConfigError, ProviderError
 from ..models import Node, NodeResult, SshTarget
 from ..state import ClusterPaths, ensure_client_key, read_json, write_json
 from .base import Progress
-from .builtin import EC2_DEFAULTS
 
 NAME = "ec2"
 TAG_CLUSTER = "vtool:cluster"
@@ -47,8 +46,6 @@ THROTTLING = {
     "Unavailable",
 }
 CAPACITY = {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientReservedInstanceCapacity"}
-
-DEFAULTS = EC2_DEFAULTS  # the `ec2:` settings (declared in .builtin, read without importing this module)
 
 
 def _boto() -> Any:
