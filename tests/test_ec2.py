@@ -129,10 +129,10 @@ def test_end_to_end_on_the_ec2_api_with_real_ssh(backed: Aws) -> None:
     assert "waiting for SSH: 4/4 ready" in r.stderr
     kh = (env.vhome / "clusters" / "default" / "known_hosts").read_text()
     assert "vtool-default-0 ssh-ed25519 " in kh and "vtool-default-3 ssh-ed25519 " in kh  # pinned at first contact
-    from conftest import EXAMPLES
-
     import os
     import shutil
+
+    from conftest import EXAMPLES
 
     pkg = env.root / "hello"
     shutil.copytree(EXAMPLES / "hello", pkg)

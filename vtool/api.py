@@ -534,17 +534,28 @@ def _send_payload(
             f"inject: {what} {verb} {count['done']}/{len(nodes)} node(s)" + (f" (node {index} failed)" if error else "")
         )
 
+    out: dict[int, str | VtoolError] = {}
+    rest = list(nodes)
     if relaying:
         progress(f"inject: sending {what} ({_size(payload.size)}) once; the nodes pass it on")
-    out = distribute(
-        nodes,
-        send=send,
-        relay=relay,
-        relay_min=relay_min,
-        concurrency=s.settings.concurrency,
-        holders=holders,
-        on_done=done,
-    )
+        if not holders and all(_PLAIN.fullmatch(x) for x in [payload.name, *(n.name for n in nodes)]):
+            out = _broadcast(s, nodes, payload, timeout, done)
+            rest = [x for x in nodes if x.index not in out]
+            holders = [x for x in nodes if x.index in out]
+            if rest and not holders:  # the first node failed: another one is tried first
+                rest = rest[1:] + rest[:1]
+    if rest:
+        out.update(
+            distribute(
+                rest,
+                send=send,
+                relay=relay,
+                relay_min=1 if relaying and holders else relay_min,
+                concurrency=s.settings.concurrency,
+                holders=holders,
+                on_done=done,
+            )
+        )
     if not relaying:
         return out
 
@@ -572,6 +583,45 @@ def _send_payload(
         elif r.value == "base changed":
             out[r.index] = BaseChanged("the release it had was changed on the node")
     return out
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
+
+
+def _broadcast(
+    s: Session,
+    nodes: Sequence[Node],
+    payload: _Payload,
+    timeout: float | None,
+    done: Callable[[int, VtoolError | None], None],
+) -> dict[int, str | VtoolError]:
+    """Stream the payload to the first node, which keeps it and passes it on through the
+    others as it arrives (``remote.FAN``, a pipelined tree). Returns the nodes whose copy is
+    complete ("direct" for the first, "relay" for the others); any other node is left to
+    ``distribute``, whatever went wrong on the way."""
+    first = nodes[0]
+    by_name = {x.name: x for x in nodes}
+    got: dict[int, str | VtoolError] = {}
+    lock = threading.Lock()
+
+    def line(stream: str, text: str) -> None:
+        words = text.split()
+        if stream != "out" or len(words) != 2 or words[0] != "vtool-got" or words[1] not in by_name:
+            return
+        node = by_name[words[1]]
+        with lock:
+            if node.index in got:
+                return
+            got[node.index] = "direct" if node is first else "relay"
+        done(node.index, None)
+
+    command = remote.fan(first.name, payload.name, payload.size, [x.name for x in nodes[1:]])
+    try:
+        with open(payload.path, "rb") as f:
+            s.client(first).run(command, input=f, timeout=timeout, on_line=line)
+    except VtoolError:
+        pass  # whatever arrived is counted; the rest goes through distribute
+    return got
 
 
 def _size(n: float) -> str:

@@ -39,6 +39,47 @@ cmd=$(cat "$run/command")
 """
 
 
+# Keeps the payload arriving on stdin and passes it on, as it arrives, to up to two other
+# nodes (over the cluster's own SSH), each of which does the same for its share of the rest:
+# a pipelined binary tree, so the client's uplink carries the payload once and no node waits
+# for another to finish. Prints "vtool-got NAME" once its own copy is complete; the lines of
+# the nodes below it come up the same way. A node that fails leaves only its own subtree
+# without the payload (tee -p goes on writing to the others); vtool sends those afterwards.
+# Arguments: ITS_NAME PAYLOAD SIZE [NAME ...] (names: the Hosts of ~/.vtool/ssh_config).
+FAN = r"""#!/bin/sh
+# written by vtool: keep the payload on stdin and pass it on to the nodes named (see vtool/remote.py)
+me=$1; p=$2; size=$3; shift 3
+pk="$HOME/.vtool/packages"
+mkdir -p "$pk" || exit 4
+part="$pk/.$p.part.$$"
+trap 'rm -f "$part" "$pk/.$p.to.$$".*' EXIT
+trap 'exit 4' HUP TERM PIPE
+a=; b=; ra=; rb=; i=0
+for h in "$@"; do
+  case $i in
+    0) a=$h ;;
+    1) b=$h ;;
+    *) if [ $((i % 2)) = 0 ]; then ra="$ra $h"; else rb="$rb $h"; fi ;;
+  esac
+  i=$((i + 1))
+done
+outs=
+for c in a b; do
+  eval "h=\$$c; r=\$r$c"
+  [ -n "$h" ] || continue
+  f="$pk/.$p.to.$$.$c"
+  mkfifo "$f" || exit 4
+  ssh -F "$HOME/.vtool/ssh_config" "$h" "exec sh \"\$HOME/.vtool/bin/vtool-fan\" $h $p $size$r" < "$f" &
+  outs="$outs $f"
+done
+tee -p $outs > "$part"
+rc=4
+if [ "$(stat -c %s "$part")" = "$size" ] && mv -f "$part" "$pk/$p"; then echo "vtool-got $me"; rc=0; fi
+wait
+exit $rc
+"""
+
+
 def _write_file(path: str, content: str, mode: str = "644") -> str:
     return (
         f'printf %s {q(content)} > "{path}.vtool-tmp.$$" && chmod {mode} "{path}.vtool-tmp.$$" && '
@@ -129,6 +170,7 @@ def prepare(
         _write_file(f"{d}/other_hosts", others),
         _write_file(f"{d}/nodes", table),
         _write_file(f"{d}/bin/vtool-run", RUN_WRAPPER, "755"),
+        _write_file(f"{d}/bin/vtool-fan", FAN, "755"),
     ]
     if trust is not None:
         pub, known, config = trust
@@ -258,6 +300,13 @@ def relay(to: Node, payload: str, install_command: str) -> str:
             "exit $rc",
         ]
     )
+
+
+def fan(me: str, payload: str, size: int, rest: Sequence[str]) -> str:
+    """On the first node of a pipelined broadcast (see FAN): keep the payload on stdin and
+    pass it on to the nodes named ``rest``, which pass it on in turn. Every name must be a
+    plain token (node names and payload names are)."""
+    return " ".join(["exec", "sh", '"$HOME/.vtool/bin/vtool-fan"', *(q(x) for x in (me, payload, int(size), *rest))])
 
 
 def start(release: Release, launch_command: str, use_screen: bool) -> str:
