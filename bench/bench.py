@@ -715,6 +715,9 @@ class Bench:
     def cold(self) -> None:
         close_masters(self.home / "cm")
         close_masters(self.ansible_cp)
+        # and the connections vtool's nodes keep to each other (remote.prepare's ``warm``)
+        for cm in self.cluster_dir.glob("nodes/*/home/.vtool/cm"):
+            close_masters(cm)
 
     def record(self, workload: str, key: tuple[str, ...], sample: Sample) -> None:
         mark = "ok" if sample.ok else f"FAILED: {sample.note}"
@@ -1582,7 +1585,7 @@ run fails if any node fails, or if the output mentions too many open files or a 
 reset connection.
 
 **cold**: no shared SSH connection open (every ControlMaster socket of vtool and ansible is
-closed with `ssh -O exit` first). **warm**: the same command again right after. The tools
+closed with `ssh -O exit` first, and so are the ones vtool's nodes keep to each other). **warm**: the same command again right after. The tools
 that keep no connection between commands reconnect every time, so their warm rows measure
 the same work again. **warm, same client in one process**: a Python script runs the command
 twice on one client object and reports the wall time of the second; start-up and the first

@@ -5,14 +5,17 @@ in the middle of a relay."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import Env, make_package, wait_for
+from conftest import Env, make_package, stop_all_nodes, wait_for
 
+from vtool import remote
 from vtool.distribute import BaseChanged, HolderLost, distribute
 from vtool.errors import NodeError, NodeUnreachable
 from vtool.models import Node
@@ -154,6 +157,39 @@ def test_relayed_inject_sends_once_and_nodes_reach_each_other(venv: Env) -> None
     # Unchanged: nothing sent again.
     r = venv.ok("inject", str(pkg))
     assert r.stdout.count("package already there)") == 6
+
+
+def test_the_nodes_connect_ahead_to_the_ones_they_pass_the_package_on_to(venv: Env, tmp_path: Path) -> None:
+    """While vtool prepares the nodes, each opens a shared SSH connection to the nodes it
+    will pass the package on to (remote.fan_children), and the transfer goes through it. (A
+    Unix socket name is short: a short VTOOL_HOME keeps the node paths short enough for it.)"""
+    short = Path(tempfile.mkdtemp(prefix="vt", dir="/tmp"))
+    long_home = venv.vhome
+    try:
+        venv.vhome = short
+        venv.env["VTOOL_HOME"] = str(short)
+        venv.ok("launch", "6")
+        pkg = make_package(venv.root, "hello", "#!/bin/sh\ntrue\n", {"data.txt": "x"})
+        (pkg / "blob.bin").write_bytes(os.urandom(1_100_000))
+        r = venv.ok("inject", str(pkg))
+        assert r.stdout.count("package from another node)") == 5, r.stdout
+        tree = {"0": ["1", "2"], "1": ["3", "5"], "2": ["4"]}  # remote.fan_children over 6 nodes
+        assert remote.fan_children([f"default-{i}" for i in range(6)]) == {
+            **{f"default-{k}": [f"default-{x}" for x in v] for k, v in tree.items()},
+            **{f"default-{k}": [] for k in ("3", "4", "5")},
+        }
+        for parent, kids in tree.items():
+            cm = venv.node_home(int(parent)) / ".vtool" / "cm"
+            assert sorted(p.name for p in cm.iterdir() if p.is_socket()) == [f"default-{k}" for k in kids]
+        # The users' own SSH between nodes (MPI) goes through them too.
+        r = venv.ok("run", "ssh -F ~/.vtool/ssh_config -O check default-4 2>&1; echo rc=$?", "--nodes", "2")
+        assert "Master running" in r.stdout and "rc=0" in r.stdout, r.stdout
+    finally:
+        survivors = stop_all_nodes(short)  # the nodes' shared connections included
+        venv.vhome = long_home
+        venv.env["VTOOL_HOME"] = str(long_home)
+        shutil.rmtree(short, ignore_errors=True)
+        assert not survivors, survivors
 
 
 def _node_dir(env: Env, index: int) -> Path:

@@ -424,17 +424,21 @@ def _tell_cluster(
     *,
     trusted: tuple[tuple[str, str, str], bytes] | None = None,
     before: Callable[[Node], None] | None = None,
+    warm: Mapping[str, Sequence[str]] | None = None,
 ) -> GroupResult:
     """Write cluster.env/hosts/other_hosts and the nodes' SSH set-up on ``nodes``; with a
     release, each result's value is ``have`` or ``need BASE`` for it. ``trusted``: what
-    ``_trust`` gave (computed here if not); ``before(node)`` runs first on each node."""
+    ``_trust`` gave (computed here if not); ``before(node)`` runs first on each node;
+    ``warm``: by node name, the nodes it will likely pass the package on to (``remote.prepare``)."""
     everyone = everyone or [x for x in info.nodes if x.state == "running"]
     trust, secret = trusted or _trust(s, everyone)
 
     def op(node: Node) -> str:
         if before is not None:
             before(node)
-        cmd = remote.prepare(s.cluster, node, everyone, _node_env(s, info, node), release, trust)
+        cmd = remote.prepare(
+            s.cluster, node, everyone, _node_env(s, info, node), release, trust, (warm or {}).get(node.name, ())
+        )
         r = s.client(node).run(cmd, input=secret, timeout=s.settings.timeout.transfer or None, check=True)
         return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
 
@@ -535,11 +539,12 @@ def _send_payload(
         )
 
     out: dict[int, str | VtoolError] = {}
+    unpacked_by_fan: dict[int, int] = {}  # node index -> the exit code of its unpack
     rest = list(nodes)
     if relaying:
         progress(f"inject: sending {what} ({_size(payload.size)}) once; the nodes pass it on")
         if not holders and all(_PLAIN.fullmatch(x) for x in [payload.name, *(n.name for n in nodes)]):
-            out = _broadcast(s, nodes, payload, timeout, done)
+            out, unpacked_by_fan = _broadcast(s, nodes, payload, timeout, done)
             rest = [x for x in nodes if x.index not in out]
             holders = [x for x in nodes if x.index in out]
             if rest and not holders:  # the first node failed: another one is tried first
@@ -566,7 +571,14 @@ def _send_payload(
             return "base changed"
         return str(out[node.index])
 
-    got = [x for x in nodes if isinstance(out.get(x.index), str)]
+    for index, code in unpacked_by_fan.items():
+        if code == remote.BASE_CHANGED:
+            out[index] = BaseChanged("the release it had was changed on the node")
+        elif code != 0:
+            out[index] = NodeError(f"unpacking failed: exit {code}")
+    got = [x for x in nodes if isinstance(out.get(x.index), str) and x.index not in unpacked_by_fan]
+    if not got:
+        return out
     unpacked_count = {"done": 0}
 
     def unpacked_one(r: NodeResult) -> None:
@@ -594,34 +606,39 @@ def _broadcast(
     payload: _Payload,
     timeout: float | None,
     done: Callable[[int, VtoolError | None], None],
-) -> dict[int, str | VtoolError]:
+) -> tuple[dict[int, str | VtoolError], dict[int, int]]:
     """Stream the payload to the first node, which keeps it and passes it on through the
-    others as it arrives (``remote.FAN``, a pipelined tree). Returns the nodes whose copy is
-    complete ("direct" for the first, "relay" for the others); any other node is left to
-    ``distribute``, whatever went wrong on the way."""
+    others as it arrives (``remote.FAN``, a pipelined tree), and each unpacks its copy.
+    Returns the nodes whose copy is complete ("direct" for the first, "relay" for the
+    others) and the exit codes of the unpacks that ran; any other node is left to
+    ``distribute`` (and to the unpack phase), whatever went wrong on the way."""
     first = nodes[0]
     by_name = {x.name: x for x in nodes}
     got: dict[int, str | VtoolError] = {}
+    unpacked: dict[int, int] = {}
     lock = threading.Lock()
 
     def line(stream: str, text: str) -> None:
         words = text.split()
-        if stream != "out" or len(words) != 2 or words[0] != "vtool-got" or words[1] not in by_name:
+        if stream != "out" or len(words) < 2 or words[1] not in by_name:
             return
         node = by_name[words[1]]
         with lock:
-            if node.index in got:
+            if words[0] == "vtool-unpacked" and len(words) == 3 and words[2].isdigit() and node.index in got:
+                unpacked[node.index] = int(words[2])
+                return
+            if words[0] != "vtool-got" or len(words) != 2 or node.index in got:
                 return
             got[node.index] = "direct" if node is first else "relay"
         done(node.index, None)
 
-    command = remote.fan(first.name, payload.name, payload.size, [x.name for x in nodes[1:]])
+    command = remote.fan(first.name, payload.name, payload.size, [x.name for x in nodes[1:]], payload.unpack)
     try:
         with open(payload.path, "rb") as f:
             s.client(first).run(command, input=f, timeout=timeout, on_line=line)
     except VtoolError:
         pass  # whatever arrived is counted; the rest goes through distribute
-    return got
+    return got, unpacked
 
 
 def _size(n: float) -> str:
@@ -665,7 +682,18 @@ def _inject_release(
         if node.host_key_alias not in pinned:  # launched with --no-wait
             wait_ready(s, node, ready_by)
 
-    checked = _tell_cluster(s, info, targets, release, everyone, trusted=trusted, before=ready)
+    # If every target needs the whole package, it streams through this tree (``_broadcast``):
+    # the nodes connect to the ones they will pass it on to while the others are prepared.
+    tree = None
+    relay_at = s.settings.inject_relay
+    if (
+        not holders
+        and relay_at
+        and len(targets) >= relay_at
+        and Path(release.archive).stat().st_size >= RELAY_MIN_BYTES
+    ):
+        tree = remote.fan_children([x.name for x in targets])
+    checked = _tell_cluster(s, info, targets, release, everyone, trusted=trusted, before=ready, warm=tree)
     failed: dict[int, NodeResult] = {r.index: r for r in checked.failed}
     how: dict[int, str] = {}
     by_base: dict[str, list[Node]] = {}

@@ -1,5 +1,9 @@
 """Getting one payload (a package or a delta) onto many nodes, sending it from the client once.
 
+(inject streams a payload through a pipelined tree first, ``api._broadcast``; this
+scheduler serves the nodes that the tree missed, and the cases where some nodes already
+hold the payload, e.g. the nodes of a launch that joins a cluster.)
+
 The client sends the payload to one node (the seed). From then on every node that holds it
 passes it on to one node that does not, over the cluster's own SSH (``remote.relay``), so the
 number of holders doubles each round and the client's uplink carries the payload once,

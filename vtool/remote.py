@@ -12,6 +12,8 @@ On each node vtool keeps::
     ~/.vtool/ssh_config         "ssh -F ~/.vtool/ssh_config CLUSTER-3" reaches node 3
     ~/.vtool/relay_key          the cluster's internal key (its .pub is in ~/.ssh/authorized_keys)
     ~/.vtool/known_hosts        every node's pinned host key
+    ~/.vtool/cm/NAME            a shared connection to node NAME (opened by prepare's ``warm``)
+    ~/.vtool/bin/               vtool-run (runs a launch command), vtool-fan (FAN below)
     ~/NAME -> releases/NAME-HASH   switched atomically by each inject
     ~/.vtool/runs/STAMP/        one folder per start: command, pid, log, exit, release
     ~/.vtool/current -> runs/STAMP
@@ -45,14 +47,16 @@ cmd=$(cat "$run/command")
 # for another to finish. Prints "vtool-got NAME" once its own copy is complete; the lines of
 # the nodes below it come up the same way. A node that fails leaves only its own subtree
 # without the payload (tee -p goes on writing to the others); vtool sends those afterwards.
-# Arguments: ITS_NAME PAYLOAD SIZE [NAME ...] (names: the Hosts of ~/.vtool/ssh_config).
+# Then it runs AFTER (a shell command in base64, "-" for none: the unpack) and prints
+# "vtool-unpacked NAME EXIT_CODE".
+# Arguments: ITS_NAME PAYLOAD SIZE AFTER [NAME ...] (names: the Hosts of ~/.vtool/ssh_config).
 FAN = r"""#!/bin/sh
 # written by vtool: keep the payload on stdin and pass it on to the nodes named (see vtool/remote.py)
-me=$1; p=$2; size=$3; shift 3
+me=$1; p=$2; size=$3; after=$4; shift 4
 pk="$HOME/.vtool/packages"
 mkdir -p "$pk" || exit 4
 part="$pk/.$p.part.$$"
-trap 'rm -f "$part" "$pk/.$p.to.$$".*' EXIT
+trap 'rm -f "$part" "$part.after" "$pk/.$p.to.$$".*' EXIT
 trap 'exit 4' HUP TERM PIPE
 a=; b=; ra=; rb=; i=0
 for h in "$@"; do
@@ -69,12 +73,20 @@ for c in a b; do
   [ -n "$h" ] || continue
   f="$pk/.$p.to.$$.$c"
   mkfifo "$f" || exit 4
-  ssh -F "$HOME/.vtool/ssh_config" "$h" "exec sh \"\$HOME/.vtool/bin/vtool-fan\" $h $p $size$r" < "$f" &
+  ssh -F "$HOME/.vtool/ssh_config" "$h" "exec sh \"\$HOME/.vtool/bin/vtool-fan\" $h $p $size $after$r" < "$f" &
   outs="$outs $f"
 done
 tee -p $outs > "$part"
 rc=4
-if [ "$(stat -c %s "$part")" = "$size" ] && mv -f "$part" "$pk/$p"; then echo "vtool-got $me"; rc=0; fi
+if [ "$(stat -c %s "$part")" = "$size" ] && mv -f "$part" "$pk/$p"; then
+  echo "vtool-got $me"
+  rc=0
+  if [ "$after" != - ]; then
+    printf %s "$after" | base64 -d > "$part.after" && (sh "$part.after" </dev/null); x=$?
+    rm -f "$part.after"
+    echo "vtool-unpacked $me $x"
+  fi
+fi
 wait
 exit $rc
 """
@@ -143,6 +155,42 @@ def node_ssh_config(
     return "\n".join(lines) + "\n"
 
 
+def fan_children(names: Sequence[str]) -> dict[str, list[str]]:
+    """Who passes the payload on to whom in FAN's tree over ``names`` (the first is fed by
+    the client): the same split the script makes."""
+    out: dict[str, list[str]] = {}
+
+    def walk(me: str, rest: Sequence[str]) -> None:
+        kids = list(rest[:2])
+        out[me] = kids
+        for j, kid in enumerate(kids):
+            walk(kid, rest[2 + j :: 2])
+
+    if names:
+        walk(names[0], names[1:])
+    return out
+
+
+def _control_lines(d: str, longest_name: int) -> str:
+    """Shell: set $ctl to ssh_config lines that make the nodes' SSH use shared connections
+    (``ControlPath``), when the socket path fits (a Unix socket name is at most 107 bytes,
+    and ssh adds 17 while it creates one); else to nothing."""
+    return (
+        f'cm="{d}/cm"; ctl=; '
+        f"if [ $((${{#cm}} + {1 + longest_name + 17})) -le 104 ]; then "
+        '(umask 077; mkdir -p "$cm") && ctl="  ControlMaster no\n  ControlPath $cm/%n\n"; fi'
+    )
+
+
+def _warm(d: str, names: Sequence[str]) -> str:
+    """Shell: open, in the background, a shared connection (kept 2 minutes after its last
+    use) to each node in ``names`` that has none yet, so a transfer to it starts at once."""
+    ssh = f'ssh -F "{d}/ssh_config"'
+    one = f'{ssh} -O check "$h" 2>/dev/null || {ssh} -o ControlMaster=yes -o ControlPersist=120 -fN "$h"'
+    hosts = " ".join(q(x) for x in names)
+    return f'if [ -n "$ctl" ]; then for h in {hosts}; do ({one}) </dev/null >/dev/null 2>&1 & done; fi'
+
+
 def prepare(
     cluster: str,
     node: Node,
@@ -150,12 +198,15 @@ def prepare(
     extra_env: Mapping[str, str],
     release: Release | None,
     trust: tuple[str, str, str] | None = None,
+    warm: Sequence[str] = (),
 ) -> str:
     """Write the cluster files; print ``have``, or ``need BASE`` (BASE: the release folder
     ``~/NAME`` points at now, ``-`` if none) for ``release``'s folder.
 
     ``trust`` = (public key, known_hosts lines, ssh_config blocks): the cluster-internal key
     lets the nodes reach each other; its private half arrives on stdin (never in a command line).
+    ``warm``: nodes this one will likely pass the whole package on to; when it needs the whole
+    package itself, it connects to them in the background meanwhile.
     """
     ordered = sorted(nodes, key=lambda n: n.index)
     hosts = "".join(f"{n.private_address}\n" for n in ordered)
@@ -177,7 +228,8 @@ def prepare(
         parts += [
             f'(umask 077; cat > "{d}/.relay_key.$$") && mv -f "{d}/.relay_key.$$" "{d}/relay_key"',
             _write_file(f"{d}/known_hosts", known, "600"),
-            f'{{ printf "Host *\\n  IdentityFile %s\\n  UserKnownHostsFile %s\\n" "{d}/relay_key" "{d}/known_hosts"; '
+            _control_lines(d, max((len(n.name) for n in nodes), default=0)),
+            f'{{ printf "Host *\\n  IdentityFile %s\\n  UserKnownHostsFile %s\\n%b" "{d}/relay_key" "{d}/known_hosts" "$ctl"; '
             f'printf %s {q(config)}; }} > "{d}/.ssh_config.$$" && mv -f "{d}/.ssh_config.$$" "{d}/ssh_config"',
             '(umask 077; mkdir -p "$HOME/.ssh"; touch "$HOME/.ssh/authorized_keys")',
             f'grep -qxF {q(pub)} "$HOME/.ssh/authorized_keys" || printf "%s\\n" {q(pub)} >> "$HOME/.ssh/authorized_keys"',
@@ -186,7 +238,9 @@ def prepare(
         parts.append(
             f'if [ -d "{d}/releases/"{q(release.dirname)} ]; then echo have; else '
             f'b=$(basename "$(readlink "$HOME/"{q(release.name)} 2>/dev/null)" 2>/dev/null); '
-            f'case "$b" in {q(release.name)}-*) [ -d "{d}/releases/$b" ] || b=-;; *) b=-;; esac; echo "need $b"; fi'
+            f'case "$b" in {q(release.name)}-*) [ -d "{d}/releases/$b" ] || b=-;; *) b=-;; esac; echo "need $b"; '
+            + (f'if [ "$b" = - ]; then {_warm(d, warm)}; fi; ' if warm and trust is not None else "")
+            + "fi"
         )
     return "; ".join(parts)
 
@@ -302,11 +356,15 @@ def relay(to: Node, payload: str, install_command: str) -> str:
     )
 
 
-def fan(me: str, payload: str, size: int, rest: Sequence[str]) -> str:
+def fan(me: str, payload: str, size: int, rest: Sequence[str], after: str = "") -> str:
     """On the first node of a pipelined broadcast (see FAN): keep the payload on stdin and
-    pass it on to the nodes named ``rest``, which pass it on in turn. Every name must be a
-    plain token (node names and payload names are)."""
-    return " ".join(["exec", "sh", '"$HOME/.vtool/bin/vtool-fan"', *(q(x) for x in (me, payload, int(size), *rest))])
+    pass it on to the nodes named ``rest``, which pass it on in turn; each then runs ``after``
+    (the unpack). Every name must be a plain token (node names and payload names are)."""
+    import base64
+
+    code = base64.b64encode(after.encode()).decode() if after else "-"
+    args = (me, payload, int(size), code, *rest)
+    return " ".join(["exec", "sh", '"$HOME/.vtool/bin/vtool-fan"', *(q(x) for x in args)])
 
 
 def start(release: Release, launch_command: str, use_screen: bool) -> str:
