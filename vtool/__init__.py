@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import ConfigError, NodeError, NodeNotFound, PartialFailure, PluginError, ProviderError, VtoolError
-from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
@@ -58,6 +57,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "hookimpl":  # (pluggy is imported on first use: `vtool run` starts sooner)
+        from .hookspecs import hookimpl
+
+        return hookimpl
     if name in _API:
         from . import api
 

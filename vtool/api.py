@@ -25,7 +25,7 @@ from typing import Any
 
 import pluggy
 
-from . import fanout, package, remote
+from . import early, fanout, package, remote
 from . import plugin_manager as plugins
 from .config import VTOOL_DEFAULTS, Settings, load_settings
 from .distribute import BaseChanged, HolderLost, distribute
@@ -53,7 +53,7 @@ from .models import (
     parse_node_spec,
 )
 from .providers.base import Provider
-from .ssh import SshClient, ssh_config_block
+from .ssh import SshClient, connect_helper, ssh_config_block
 from .state import (
     ClusterCache,
     ClusterPaths,
@@ -106,6 +106,7 @@ class Session:
         self._provider: Provider | None = None
         self._clients: dict[int, SshClient] = {}
         self._lock = threading.Lock()
+        self._remember: ClusterInfo | None = None
 
     @property
     def provider(self) -> Provider:
@@ -136,7 +137,26 @@ class Session:
                 raise UsageError(
                     f"no failed nodes to re-run: the last `{only_failed}` on cluster {self.cluster!r} succeeded everywhere"
                 )
+        if early.remembering():
+            self._remember = info  # written down once the command contacts the nodes (fan_out)
         return [info.node(i) for i in wanted]
+
+    def remember_connections(self, info: ClusterInfo) -> None:
+        """Write down how to open each node's connection, for the next command's start-up
+        (vtool.early)."""
+        nodes: dict[int, tuple[str, list[str]]] = {}
+        for node in info.nodes:
+            if node.state != "running" or len(nodes) >= early.RECORD_NODES:
+                continue
+            try:
+                c = self.client(node)
+            except VtoolError:
+                continue
+            opener = c.opener_argv()
+            if opener is not None and c.control_path is not None:
+                nodes[node.index] = (c.control_path, opener)
+        paths = [str(self.paths.known_hosts), str(self.paths.nodes)]
+        early.remember(paths, self.settings.concurrency, nodes)
 
     def record(self, verb: str, result: GroupResult) -> GroupResult:
         """Remember which nodes failed ``verb`` (for --only-failed)."""
@@ -168,6 +188,7 @@ class Session:
                     kex=s.ssh.kex,
                     ciphers=s.ssh.ciphers,
                     control_dir=control_dir(s.home),
+                    connector=connect_helper(s.home / "bin") if s.ssh.nodelay else None,
                     # One shared connection per node *identity*: a leftover connection to a
                     # dead node is never reused for another node at the same address and port.
                     control_name=hashlib.sha256(
@@ -188,6 +209,9 @@ class Session:
     def fan_out(
         self, nodes: Sequence[Node], op: Callable[[Node], Any], on_done: Callable[[NodeResult], None] | None = None
     ) -> GroupResult:
+        if self._remember is not None:  # past every check of the command's input
+            info, self._remember = self._remember, None
+            self.remember_connections(info)
         return fanout.fan_out(
             nodes, op, concurrency=self.settings.concurrency, on_done=on_done, debug=self.settings.debug
         )

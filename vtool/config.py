@@ -46,6 +46,7 @@ VTOOL_DEFAULTS: dict[str, Any] = {
         "persist": 300,  # seconds a shared SSH connection stays open after the last command
         "kex": "curve25519-sha256,curve25519-sha256@libssh.org,sntrup761x25519-sha512@openssh.com",
         "program": "ssh",  # the OpenSSH client to run
+        "nodelay": True,  # open connections through vtool-connect (TCP_NODELAY; built once with cc if there is one)
         "ciphers": "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr",  # AES-GCM first: the fastest where the CPU has AES instructions
     },
     "inject": {
@@ -216,6 +217,7 @@ class SshSettings:
     kex: str
     program: str
     ciphers: str = ""
+    nodelay: bool = True
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,12 @@ def _from_tree(tree: dict[str, Any], sources: tuple[str, ...]) -> Settings:
             transfer=float(t["transfer"]),
         ),
         ssh=SshSettings(
-            user=s["user"], persist=int(s["persist"]), kex=s["kex"], program=s["program"], ciphers=s["ciphers"]
+            user=s["user"],
+            persist=int(s["persist"]),
+            kex=s["kex"],
+            program=s["program"],
+            ciphers=s["ciphers"],
+            nodelay=s["nodelay"],
         ),
         inject_auto=tree["inject"]["auto"],
         inject_screen=tree["inject"]["screen"],

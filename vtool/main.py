@@ -1,4 +1,8 @@
-"""The ``vtool`` console script: an Invoke Program over the vtool collection."""
+"""The ``vtool`` console script: an Invoke Program over the vtool collection (vtool.program).
+
+Before anything heavy is imported, a node command opens its SSH connections in the
+background (vtool.early), so they are ready by the time the command needs them.
+"""
 
 from __future__ import annotations
 
@@ -6,62 +10,19 @@ import os
 import sys
 from typing import Any
 
-from invoke import Program
 
-from . import __version__
-from .config import VtoolConfig
-from .errors import VtoolError
+def make_program() -> Any:
+    from .program import make_program as make
 
-# Invoke's own core options that mean something for vtool; the others (--dry, --echo,
-# --pty, --hide, --config ...) configure Invoke's local command runner, which vtool's
-# verbs do not use, so accepting them would only mislead.
-CORE_OPTIONS = {
-    "complete",
-    "debug",
-    "help",
-    "list",
-    "list-depth",
-    "list-format",
-    "print-completion-script",
-    "version",
-    "write-pyc",
-}
-
-
-class VtoolProgram(Program):
-    """Invoke's Program, with vtool's errors (e.g. a broken vtool.yaml) as one line."""
-
-    def core_args(self) -> list[Any]:
-        return [a for a in super().core_args() if a.name in CORE_OPTIONS]
-
-    def update_config(self, merge: bool = True) -> None:
-        # vtool reads its settings itself (vtool.config.load_settings); nothing to add here.
-        self.config.set_runtime_path(None)
-        if merge:
-            self.config.merge()
-
-    def run(self, argv: Any = None, exit: bool = True) -> None:
-        try:
-            super().run(argv, exit)
-        except VtoolError as e:
-            if os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on"):
-                raise
-            print(f"vtool: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
-
-
-def make_program() -> VtoolProgram:
-    try:
-        from .tasks import collection
-
-        ns = collection()
-    except VtoolError as e:  # a broken plugin: still one line, exit code 5
-        print(f"vtool: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    return VtoolProgram(name="vtool", binary="vtool", version=__version__, namespace=ns, config_class=VtoolConfig)
+    return make()
 
 
 def main() -> None:
+    from . import early
+
+    opened = early.start(sys.argv[1:])
+    if opened and os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+        print(f"vtool: opening {opened} connection(s) while starting", file=sys.stderr)
     try:
         make_program().run()
     except BrokenPipeError:  # `vtool --list | head -1`: the reader left; that is not an error

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from . import early
 from .errors import HostKeyMismatch, NodeError, NodeUnreachable
 from .models import CommandResult, SshTarget
 
@@ -135,10 +136,15 @@ class SshClient:
         control_name: str = "%C",
         retries: int = 2,
         ciphers: str = "",
+        connector: str | None = None,
     ) -> None:
         self.target = target
+        # vtool-connect (connect_helper), when there is one and no jump host is in the way.
+        self.connector = None if target.proxy_jump else connector
         self.program = program
         self.control_dir = control_dir
+        self.control_path = str(control_dir / control_name) if control_dir is not None else None
+        self.connect_timeout = connect_timeout
         self.retries = retries
         self.options = ssh_options(
             target,
@@ -151,7 +157,9 @@ class SshClient:
         )
 
     def argv(self, command: str | None = None, *, tty: bool = False, log: str | None = None) -> list[str]:
-        args = [self.program, "-F", "/dev/null", *self.options]
+        if self.control_path is not None:  # a connection vtool's start-up is opening (vtool.early)
+            early.wait(self.control_path, self.connect_timeout + 5)
+        args = [self.program, "-F", "/dev/null", *self.options, *self._connector_options(log)]
         if log is not None:  # ssh's own messages, kept apart from the remote command's stderr
             args += ["-E", log]
         if tty:
@@ -162,6 +170,23 @@ class SshClient:
         if command is not None:
             args.append(command)
         return args
+
+    def opener_argv(self) -> list[str] | None:
+        """The command that opens this node's shared connection and leaves it in the
+        background (what vtool.early runs while vtool starts); None without sharing."""
+        if self.control_path is None or self.target.proxy_jump:
+            return None
+        opts = [*self.options, *self._connector_options(None)]
+        return [self.program, "-F", "/dev/null", *opts, "-f", "-N", "-T", "--", self.target.host]
+
+    def _connector_options(self, log: str | None) -> list[str]:
+        if self.connector is None:
+            return []
+        words = [self.connector, "%h", "%p", str(max(1, int(self.connect_timeout)))]
+        words += [log] if log is not None else []
+        # ssh expands %-tokens in the command, then runs it with the shell.
+        command = " ".join(w if w in ("%h", "%p") else shlex.quote(w).replace("%", "%%") for w in words)
+        return ["-o", "ProxyUseFdpass=yes", "-o", f"ProxyCommand={command}"]
 
     def first_contact(self, timeout: float) -> list[str]:
         """Connect once, accepting and recording the node's host key (trust on first use),
@@ -445,8 +470,13 @@ def _read_log(path: str) -> str:
         return ""
 
 
+# What ssh adds when its ProxyCommand (vtool-connect) could not connect; the helper's own
+# line before it says why.
+_PROXY_NOISE = ("proxy dialer did not pass back a connection", "mm_receive_fd:")
+
+
 def _ssh_error_line(stderr: str) -> str:
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.strip().startswith(_PROXY_NOISE)]
     return lines[-1] if lines else ""
 
 
@@ -489,6 +519,56 @@ def ssh_config_block(name: str, target: SshTarget) -> str:
 def q(value: object) -> str:
     """Shell-quote one argument for a remote command."""
     return shlex.quote(str(value))
+
+
+_helper: dict[str, str | None] = {}
+
+
+def connect_helper(folder: Path) -> str | None:
+    """The path of vtool-connect (vtool/connect.c), compiled once into ``folder`` with the C
+    compiler ``cc`` when there is one; None when it cannot be had (ssh then connects by
+    itself, only slower to open a connection). A failed build is remembered, not retried."""
+    key = str(folder)
+    if key in _helper:
+        return _helper[key]
+    import hashlib
+    import shutil
+
+    source = Path(__file__).with_name("connect.c")
+    try:
+        code = source.read_bytes()
+    except OSError:
+        _helper[key] = None
+        return None
+    exe = folder / f"vtool-connect-{hashlib.sha256(code).hexdigest()[:12]}"
+    failed = exe.with_name(exe.name + ".failed")
+    found: str | None = None
+    if os.access(exe, os.X_OK):
+        found = str(exe)
+    elif not failed.exists() and shutil.which("cc"):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = exe.with_name(f".{exe.name}.{os.getpid()}")
+        try:
+            r = subprocess.run(
+                ["cc", "-O2", "-o", str(tmp), str(source)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+                check=False,
+            )
+            if r.returncode == 0:
+                os.chmod(tmp, 0o700)
+                os.replace(tmp, exe)
+                found = str(exe)
+            else:
+                failed.touch()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    _helper[key] = found
+    return found
 
 
 def which_local(name: str, extra: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin", "/sbin")) -> str | None:

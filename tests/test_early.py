@@ -1,0 +1,129 @@
+"""A node command opens its SSH connections while vtool starts (vtool.early), through
+vtool-connect when it could be built (vtool.ssh.connect_helper); neither changes what the
+command does, and neither gets in its way when what it remembered no longer holds."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+from conftest import Env
+
+from vtool.state import control_dir_path
+
+
+def _accepted(env: Env, index: int) -> int:
+    """How many SSH connections node ``index``'s sshd has accepted so far."""
+    log = env.vhome / "clusters" / "default" / "nodes" / str(index) / "sshd.log"
+    return log.read_text(errors="replace").count("Accepted publickey")
+
+
+def _close_connections(env: Env) -> None:
+    cm = control_dir_path(env.vhome)
+    for sock in cm.iterdir() if cm.is_dir() else []:
+        if sock.is_socket():
+            subprocess.run(["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "exit", "x"],
+                           capture_output=True, timeout=10, check=False)
+
+
+def _records(env: Env) -> list[Path]:
+    folder = env.vhome / "early"
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
+def test_a_node_command_connects_while_vtool_starts_and_each_node_gets_one_connection(venv: Env) -> None:
+    venv.ok("launch", "3")
+    venv.ok("run", "true")  # writes down how to reach the nodes
+    [record] = _records(venv)
+    assert oct(record.stat().st_mode & 0o777) == "0o600"
+    _close_connections(venv)
+    before = [_accepted(venv, i) for i in range(3)]
+    r = venv.ok("run", "hostname", extra_env={"VTOOL_DEBUG": "1"})
+    assert "opening 3 connection(s) while starting" in r.stderr, r.stderr
+    assert "3 ok, 0 failed" in r.stderr, r.stderr
+    # The command used the connections opened early: one per node, not two.
+    assert [_accepted(venv, i) - before[i] for i in range(3)] == [1, 1, 1]
+    # Only the nodes the command names.
+    _close_connections(venv)
+    r = venv.ok("run", "true", "--nodes", "1", extra_env={"VTOOL_DEBUG": "1"})
+    assert "opening 1 connection(s) while starting" in r.stderr, r.stderr
+    # Nodes 0 and 2 had no connection left; then all three have one: nothing to open.
+    r = venv.ok("run", "true", extra_env={"VTOOL_DEBUG": "1"})
+    assert "opening 2 connection(s) while starting" in r.stderr, r.stderr
+    r = venv.ok("run", "true", extra_env={"VTOOL_DEBUG": "1"})
+    assert "while starting" not in r.stderr
+
+
+def test_what_was_remembered_is_not_used_once_it_may_be_wrong(venv: Env) -> None:
+    venv.ok("launch", "2")
+    venv.ok("run", "true")
+    _close_connections(venv)
+    # Another cluster (a flag, or VTOOL_CLUSTER): a context of its own, nothing remembered.
+    venv.ok("launch", "1", "-c", "other")
+    venv.ok("run", "true", "-c", "other")
+    _close_connections(venv)
+    r = venv.cli("run", "true", "-c", "nosuch", extra_env={"VTOOL_DEBUG": "1"})
+    assert r.returncode != 0 and "while starting" not in r.stderr
+    # The cluster changed (a node added): its record is stale until a command rewrites it.
+    venv.ok("launch", "1")
+    r = venv.ok("run", "true", extra_env={"VTOOL_DEBUG": "1"})
+    assert "while starting" not in r.stderr and "3 ok, 0 failed" in r.stderr
+    _close_connections(venv)
+    r = venv.ok("run", "true", extra_env={"VTOOL_DEBUG": "1"})
+    assert "opening 3 connection(s) while starting" in r.stderr, r.stderr
+    # A record someone else could have written is ignored.
+    _close_connections(venv)
+    for record in _records(venv):
+        os.chmod(record, 0o666)
+    r = venv.ok("run", "true", extra_env={"VTOOL_DEBUG": "1"})
+    assert "while starting" not in r.stderr
+    # --help, and VTOOL_EARLY=0, connect nowhere.
+    for record in _records(venv):
+        os.chmod(record, 0o600)
+    r = venv.ok("run", "--help", extra_env={"VTOOL_DEBUG": "1"})
+    assert "while starting" not in r.stderr
+    r = venv.ok("run", "true", extra_env={"VTOOL_DEBUG": "1", "VTOOL_EARLY": "0"})
+    assert "while starting" not in r.stderr
+
+
+def test_a_refused_input_leaves_no_connection_being_opened(venv: Env) -> None:
+    venv.ok("launch", "2")
+    venv.ok("run", "true")
+    _close_connections(venv)
+    # Node 1 hangs: its port accepts connections and never answers.
+    from vtool.providers.local import LocalProvider
+
+    LocalProvider._stop_processes(venv.vhome / "clusters" / "default" / "nodes" / "1")
+    port = int(venv.node_meta(1)["port"])  # type: ignore[call-overload]
+    with socket.socket() as mute:
+        mute.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        mute.bind(("127.0.0.1", port))
+        mute.listen(16)
+        r = venv.cli("inject", str(venv.root / "nosuch"), extra_env={"VTOOL_DEBUG": "1"})
+        assert r.returncode != 0 and "no such folder" in r.stderr, r.stderr
+        assert "opening 2 connection(s) while starting" in r.stderr, r.stderr
+        # The connection still being opened to node 1 was stopped when vtool refused the input.
+        out = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
+        openers = [ln for ln in out.splitlines() if ln.startswith("ssh ") and f"Port={port} " in ln]
+        assert not openers, openers
+
+
+def test_connections_open_through_vtool_connect_and_failures_read_as_before(venv: Env) -> None:
+    venv.ok("launch", "2")
+    venv.ok("run", "true")
+    helpers = list((venv.vhome / "bin").glob("vtool-connect-*"))
+    assert helpers and os.access(helpers[0], os.X_OK), "vtool-connect was not built (is cc installed?)"
+    # A node whose sshd is gone: the same one-line reason as plain ssh gives.
+    from vtool.providers.local import LocalProvider
+
+    LocalProvider._stop_processes(venv.vhome / "clusters" / "default" / "nodes" / "1")
+    _close_connections(venv)
+    r = venv.cli("run", "true")
+    assert r.returncode != 0
+    assert "Connection refused" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "proxy dialer" not in r.stdout + r.stderr
+    # ssh.nodelay: false connects without it, same result.
+    r = venv.ok("run", "true", "--nodes", "0", extra_env={"VTOOL_SSH_NODELAY": "false"})
+    assert "1 ok, 0 failed" in r.stderr

@@ -1,0 +1,68 @@
+"""vtool's Invoke Program (see vtool.main, which imports this only after vtool.early)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from invoke import Program
+
+from . import __version__
+from .config import VtoolConfig
+from .errors import VtoolError
+
+# Invoke's own core options that mean something for vtool; the others (--dry, --echo,
+# --pty, --hide, --config ...) configure Invoke's local command runner, which vtool's
+# verbs do not use, so accepting them would only mislead.
+CORE_OPTIONS = {
+    "complete",
+    "debug",
+    "help",
+    "list",
+    "list-depth",
+    "list-format",
+    "print-completion-script",
+    "version",
+    "write-pyc",
+}
+
+
+class VtoolProgram(Program):
+    """Invoke's Program, with vtool's errors (e.g. a broken vtool.yaml) as one line."""
+
+    def core_args(self) -> list[Any]:
+        return [a for a in super().core_args() if a.name in CORE_OPTIONS]
+
+    def parse_core(self, argv: Any) -> None:
+        # Invoke turns off writing .pyc files (for a project's tasks.py); vtool keeps Python's
+        # own choice, so its modules imported on first use are compiled once, not every run.
+        before = sys.dont_write_bytecode
+        super().parse_core(argv)
+        sys.dont_write_bytecode = before
+
+    def update_config(self, merge: bool = True) -> None:
+        # vtool reads its settings itself (vtool.config.load_settings); nothing to add here.
+        self.config.set_runtime_path(None)
+        if merge:
+            self.config.merge()
+
+    def run(self, argv: Any = None, exit: bool = True) -> None:
+        try:
+            super().run(argv, exit)
+        except VtoolError as e:
+            if os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+                raise
+            print(f"vtool: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+
+
+def make_program() -> VtoolProgram:
+    try:
+        from .tasks import collection
+
+        ns = collection()
+    except VtoolError as e:  # a broken plugin: still one line, exit code 5
+        print(f"vtool: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    return VtoolProgram(name="vtool", binary="vtool", version=__version__, namespace=ns, config_class=VtoolConfig)
