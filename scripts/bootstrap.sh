@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything vtool and its tests need on a fresh Debian/Ubuntu machine:
-# OpenSSH server and client, screen, a C compiler (for pkg-examples/compile), Python's venv,
+# OpenSSH server and client, screen, a C compiler and the C library's headers (for
+# pkg-examples/compile and vtool-connect, see ssh.nodelay), Python's venv,
 # and ./.venv with vtool installed (editable) plus its test dependencies.
 # Idempotent: a second run only checks. Run as root, or as a user with sudo.
 set -euo pipefail
@@ -11,6 +12,7 @@ for cmd in sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client scre
   bin=${cmd%%:*}; pkg=${cmd#*:}
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then need+=("$pkg"); fi
 done
+if [ ! -e /usr/include/stdio.h ]; then need+=(libc6-dev); fi  # (gcc only recommends it)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
