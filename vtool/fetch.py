@@ -104,7 +104,7 @@ def extract_stream(stream: IO[bytes], dest: Path, *, recursive: bool) -> FetchRe
     root: str | None = None
     skipped: list[str] = []
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=_CHUNK) as tar:
             for member in tar:
                 parts = _parts(member.name)
                 if parts is None or not parts:
