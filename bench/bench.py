@@ -1555,7 +1555,7 @@ measured run packs:
 
 | tool | how | parallelism |
 |---|---|---|
-| vtool | `vtool inject FOLDER --nodes 0-N-1`: the client sends the package once to a seed node and the nodes pass it on among themselves (from 4 nodes and 1 MB up, `inject.relay`), unpack it into `~/.vtool/releases/NAME-HASH`, point `~/NAME` at it and start its `vtool-launch` (here `true`); a node that has the release gets nothing, one that has the previous release a delta (under 1 MB, sent to each node directly) | `concurrency` 32 |
+| vtool | `vtool inject FOLDER --nodes 0-N-1`: the client sends the package once to one node, which passes it on to two others as it arrives, and so on down a binary tree (from 4 nodes and 1 MB up, `inject.relay`; each node unpacks its copy as soon as it is complete), unpack it into `~/.vtool/releases/NAME-HASH`, point `~/NAME` at it and start its `vtool-launch` (here `true`); a node that has the release gets nothing, one that has the previous release a delta (under 1 MB, sent to each node directly) | `concurrency` 32 |
 | parallel-ssh | `ParallelSSHClient.scp_send(TARBALL, ...)`, then `run_command("mkdir -p D && tar -xzf ... -C D")` | `pool_size=N` |
 | Fabric | `ThreadingGroup.put` (SFTP), then `ThreadingGroup.run` of the same `tar` | one thread per node |
 | ansible-core | `ansible all -m unarchive -a "src=TARBALL dest=..." -f N` (copies the tarball, unpacks it) | `-f N` |

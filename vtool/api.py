@@ -568,7 +568,7 @@ def _send_payload(
     if relaying:
         progress(f"inject: sending {what} ({_size(payload.size)}) once; the nodes pass it on")
         if not holders and all(_PLAIN.fullmatch(x) for x in [payload.name, *(n.name for n in nodes)]):
-            out, unpacked_by_fan = _broadcast(s, nodes, payload, timeout, done)
+            out, unpacked_by_fan = _broadcast(s, nodes, payload, timeout, done, progress)
             rest = [x for x in nodes if x.index not in out]
             holders = [x for x in nodes if x.index in out]
             if rest and not holders:  # the first node failed: another one is tried first
@@ -630,6 +630,7 @@ def _broadcast(
     payload: _Payload,
     timeout: float | None,
     done: Callable[[int, VtoolError | None], None],
+    on_unpacked: Progress = _quiet,
 ) -> tuple[dict[int, str | VtoolError], dict[int, int]]:
     """Stream the payload to the first node, which keeps it and passes it on through the
     others as it arrives (``remote.FAN``, a pipelined tree), and each unpacks its copy.
@@ -647,14 +648,20 @@ def _broadcast(
         if stream != "out" or len(words) < 2 or words[1] not in by_name:
             return
         node = by_name[words[1]]
-        with lock:
-            if words[0] == "vtool-unpacked" and len(words) == 3 and words[2].isdigit() and node.index in got:
+        if words[0] == "vtool-unpacked" and len(words) == 3 and words[2].isdigit():
+            with lock:
+                if node.index not in got or node.index in unpacked:
+                    return
                 unpacked[node.index] = int(words[2])
-                return
-            if words[0] != "vtool-got" or len(words) != 2 or node.index in got:
-                return
-            got[node.index] = "direct" if node is first else "relay"
-        done(node.index, None)
+                count = len(unpacked)
+            failed = "" if words[2] == "0" else f" (node {node.index} failed)"
+            on_unpacked(f"inject: unpacked on {count}/{len(nodes)} node(s){failed}")
+        elif words[0] == "vtool-got" and len(words) == 2:
+            with lock:
+                if node.index in got:
+                    return
+                got[node.index] = "direct" if node is first else "relay"
+            done(node.index, None)
 
     command = remote.fan(first.name, payload.name, payload.size, [x.name for x in nodes[1:]], payload.unpack)
     try:

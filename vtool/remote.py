@@ -213,31 +213,46 @@ def prepare(
     others = "".join(f"{n.private_address}\n" for n in ordered if n.index != node.index)
     table = "".join(f"{n.index} {n.name} {n.private_address} {n.port}\n" for n in ordered)
     d = "$HOME/.vtool"
+    # Every file is written into a new folder first (shell built-ins only), then moved into
+    # place in one `mv` per folder (each file replaced atomically): a few programs started
+    # per node instead of two per file, which counts on a node that is also busy.
+    s = "$st"
     parts = [
         "set -e",
-        f'mkdir -p "{d}/releases" "{d}/runs" "{d}/bin"',
-        _write_file(f"{d}/cluster.env", env_file(cluster, node, nodes, extra_env)),
-        _write_file(f"{d}/hosts", hosts),
-        _write_file(f"{d}/other_hosts", others),
-        _write_file(f"{d}/nodes", table),
-        _write_file(f"{d}/bin/vtool-run", RUN_WRAPPER, "755"),
-        _write_file(f"{d}/bin/vtool-fan", FAN, "755"),
+        "umask 022",
+        f'st="{d}/.prepare.$$"',
+        f'mkdir -p "{d}/releases" "{d}/runs" "{d}/bin" "{s}/bin"',
+        """trap 'rm -rf "$st"' EXIT""",
+        f'printf %s {q(env_file(cluster, node, nodes, extra_env))} > "{s}/cluster.env"',
+        f'printf %s {q(hosts)} > "{s}/hosts"',
+        f'printf %s {q(others)} > "{s}/other_hosts"',
+        f'printf %s {q(table)} > "{s}/nodes"',
+        f'printf %s {q(RUN_WRAPPER)} > "{s}/bin/vtool-run"',
+        f'printf %s {q(FAN)} > "{s}/bin/vtool-fan"',
     ]
     if trust is not None:
         pub, known, config = trust
         parts += [
-            f'(umask 077; cat > "{d}/.relay_key.$$") && mv -f "{d}/.relay_key.$$" "{d}/relay_key"',
-            _write_file(f"{d}/known_hosts", known, "600"),
+            f'(umask 077; cat > "{s}/relay_key"; printf %s {q(known)} > "{s}/known_hosts")',
             _control_lines(d, max((len(n.name) for n in nodes), default=0)),
             f'{{ printf "Host *\\n  IdentityFile %s\\n  UserKnownHostsFile %s\\n%b" "{d}/relay_key" "{d}/known_hosts" "$ctl"; '
-            f'printf %s {q(config)}; }} > "{d}/.ssh_config.$$" && mv -f "{d}/.ssh_config.$$" "{d}/ssh_config"',
-            '(umask 077; mkdir -p "$HOME/.ssh"; touch "$HOME/.ssh/authorized_keys")',
+            f'printf %s {q(config)}; }} > "{s}/ssh_config"',
+        ]
+    parts += [
+        f'chmod 755 "{s}/bin/vtool-run" "{s}/bin/vtool-fan"',
+        f'mv -f "{s}/bin/vtool-run" "{s}/bin/vtool-fan" "{d}/bin/"',
+        f'rmdir "{s}/bin"',
+        f'mv -f "{s}/"* "{d}/"',
+    ]
+    if trust is not None:
+        parts += [
+            '[ -f "$HOME/.ssh/authorized_keys" ] || (umask 077; mkdir -p "$HOME/.ssh"; : >> "$HOME/.ssh/authorized_keys")',
             f'grep -qxF {q(pub)} "$HOME/.ssh/authorized_keys" || printf "%s\\n" {q(pub)} >> "$HOME/.ssh/authorized_keys"',
         ]
     if release is not None:
         parts.append(
             f'if [ -d "{d}/releases/"{q(release.dirname)} ]; then echo have; else '
-            f'b=$(basename "$(readlink "$HOME/"{q(release.name)} 2>/dev/null)" 2>/dev/null); '
+            f'b=$(readlink "$HOME/"{q(release.name)} 2>/dev/null) || b=; b=${{b##*/}}; '
             f'case "$b" in {q(release.name)}-*) [ -d "{d}/releases/$b" ] || b=-;; *) b=-;; esac; echo "need $b"; '
             + (f'if [ "$b" = - ]; then {_warm(d, warm)}; fi; ' if warm and trust is not None else "")
             + "fi"
