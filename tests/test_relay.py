@@ -143,6 +143,7 @@ def test_relayed_inject_sends_once_and_nodes_reach_each_other(venv: Env) -> None
     assert r.stdout.count("package sent)") == 1, r.stdout
     assert r.stdout.count("package from another node)") == 5, r.stdout
     assert "once; the nodes pass it on" in r.stderr
+    assert "through a tree of 6 nodes" in r.stderr and "did not get it through the tree" not in r.stderr, r.stderr
     for i in range(6):
         assert (_release_dir(venv, i, "hello") / "data.txt").read_text() == "x" * 5000  # type: ignore[operator]
         wait_for((venv.node_home(i) / "ran").exists)
@@ -247,6 +248,8 @@ def test_a_node_dying_mid_relay_does_not_stop_the_others(venv: Env, who: str) ->
         pytest.fail("the node could never be stopped during a transfer")
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"node {dead}: FAILED" in r.stdout + r.stderr
+    # The tree lost the nodes below the dead one (or all, with the first): they were served again.
+    assert "through a tree of 6 nodes" in r.stderr and "did not get it through the tree" in r.stderr, r.stderr
     version = (pkg / "version.txt").read_text()
     for i in range(6):
         got = _release_dir(venv, i, "big")

@@ -188,7 +188,9 @@ class Session:
                     kex=s.ssh.kex,
                     ciphers=s.ssh.ciphers,
                     control_dir=control_dir(s.home),
-                    connector=connect_helper(s.home / "bin") if s.ssh.nodelay else None,
+                    # (in VTOOL_HOME or ~/.vtool: a project's vtool.yaml may set `home`, and a
+                    # program vtool runs must not come from a folder a project chose)
+                    connector=connect_helper(Path(early.state_home()) / "bin") if s.ssh.nodelay else None,
                     # One shared connection per node *identity*: a leftover connection to a
                     # dead node is never reused for another node at the same address and port.
                     control_name=hashlib.sha256(
@@ -568,8 +570,11 @@ def _send_payload(
     if relaying:
         progress(f"inject: sending {what} ({_size(payload.size)}) once; the nodes pass it on")
         if not holders and all(_PLAIN.fullmatch(x) for x in [payload.name, *(n.name for n in nodes)]):
+            progress(f"inject: passing it on through a tree of {len(nodes)} nodes")
             out, unpacked_by_fan = _broadcast(s, nodes, payload, timeout, done, progress)
             rest = [x for x in nodes if x.index not in out]
+            if rest:
+                progress(f"inject: {len(rest)} node(s) did not get it through the tree; sending it to them again")
             holders = [x for x in nodes if x.index in out]
             if rest and not holders:  # the first node failed: another one is tried first
                 rest = rest[1:] + rest[:1]

@@ -12,9 +12,11 @@ It only replays what an earlier command in the same context wrote down (``rememb
 exact ``ssh`` command line of each node, filed under the working folder, the VTOOL_*
 environment, the config files (their times and sizes) and the --cluster/--profile flags.
 Anything unexpected (no such record, a cluster whose nodes changed since, a node list it
-cannot read, --help) and it does nothing: the command then connects as it always does.
-The connections it opens are the same ones the command would open; one that fails costs
-nothing but the attempt.
+cannot read or naming a node the record does not have, a missing command or folder, --help)
+and it does nothing: the command then connects as it always does. The connections it opens
+are the ones the command would open, and they only log in (no command runs, nothing changes
+on a node); when the command then refuses its input anyway (a check only vtool itself
+makes), ``abandon`` closes them again.
 """
 
 from __future__ import annotations
@@ -34,36 +36,61 @@ RECORD_NODES = 128  # a record names at most this many nodes (the first ones by 
 EARLY_MAX = 8
 _VALUE_FLAGS = {"-c": "cluster", "--cluster": "cluster", "-p": "profile", "--profile": "profile"}
 _NODE_FLAGS = ("-n", "--nodes", "--node")
+_OTHER_VALUE_FLAGS = ("-l", "--lines")  # (logs) flags whose value is not a positional argument
 _NOT_CONTEXT = frozenset({"VTOOL_DEBUG", "VTOOL_EARLY"})  # variables that change neither cluster nor SSH
 
 _started: dict[str, Any] = {}  # control socket path -> the ssh process opening it
+_opened: list[str] = []  # every socket start opened (for abandon)
+_contacted = False  # the command got past its checks and contacted the nodes (remember ran)
 _key_now: str | None = None  # this command's context (set by start), for remember
 
 
-def _flags(args: list[str]) -> dict[str, str] | None:
-    """--cluster, --profile and --nodes as given (None: --help, or nothing to go on)."""
+def _flags(args: list[str]) -> tuple[dict[str, str], list[str]] | None:
+    """--cluster, --profile and --nodes as given, and the positional arguments (None: --help,
+    or nothing to go on)."""
     found: dict[str, str] = {}
+    positional: list[str] = []
     i = 0
     while i < len(args):
         a = args[i]
-        if a in ("-h", "--help"):
+        if a in ("-h", "--help", "--"):
             return None
-        if a[:2] in ("-c", "-p", "-n") and len(a) > 2:  # -cNAME: read by Invoke, not guessed here
-            return None
-        name, _, value = a.partition("=")
+        if a[:2] in ("-c", "-p", "-n", "-l") and len(a) > 2 and not a.startswith("--"):
+            return None  # -cNAME: read by Invoke, not guessed here
+        name, eq, value = a.partition("=")
         key = _VALUE_FLAGS.get(name) or ("nodes" if name in _NODE_FLAGS else None)
+        takes_value = key is not None or name in _OTHER_VALUE_FLAGS
+        if takes_value and not eq:
+            if i + 1 >= len(args):
+                return None
+            value = args[i + 1]
+            i += 1
         if key is not None:
-            if not _:
-                if i + 1 >= len(args):
-                    return None
-                value = args[i + 1]
-                i += 1
             found[key] = value
+        elif not a.startswith("-"):
+            positional.append(a)
         i += 1
-    return found
+    return found, positional
 
 
-def _home() -> str:
+def _input_looks_valid(verb: str, positional: list[str]) -> bool:
+    """The checks of the command's own input that cost nothing here: a node is contacted
+    early only when they pass (vtool checks everything again, and more)."""
+    first = positional[0] if positional else ""
+    if verb in ("run", "scpget", "scpgetall"):
+        return bool(first.strip())
+    if verb == "inject":
+        path = os.path.expanduser(first)
+        if os.path.isdir(path):
+            return any(os.access(os.path.join(path, n), os.X_OK) for n in ("vtool-launch", "vcloud-launch"))
+        return os.path.isfile(path)
+    if verb == "put":
+        return bool(first) and os.path.exists(os.path.expanduser(first)) and len(positional) >= 2
+    return verb == "logs"
+
+
+def state_home() -> str:
+    """$VTOOL_HOME, else ~/.vtool: chosen by the user's environment, never by a project."""
     return os.environ.get("VTOOL_HOME") or os.path.join(os.path.expanduser("~"), ".vtool")
 
 
@@ -85,7 +112,7 @@ def _key(flags: dict[str, str]) -> str:
 
 def _record_path(key: str) -> str:
     # crc32: cheap to import (hashlib is not); the record's "context" decides, not its name.
-    return os.path.join(_home(), "early", f"{binascii.crc32(key.encode()):08x}.json")
+    return os.path.join(state_home(), "early", f"{binascii.crc32(key.encode()):08x}.json")
 
 
 def _stamp(paths: list[str]) -> list[int]:
@@ -99,16 +126,21 @@ def _stamp(paths: list[str]) -> list[int]:
 
 
 def _wanted(spec: str | None, indices: list[int]) -> list[int] | None:
+    """The node indices ``spec`` names; None when it names one the record does not have (the
+    command will refuse it) or cannot be read."""
     if spec is None or spec.strip() in ("", "all"):
         return indices
     out: set[int] = set()
+    have = set(indices)
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
         if not m:
             return None
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
-        out.update(i for i in indices if lo <= i <= hi)
+        if hi < lo or hi - lo > 100_000 or not set(range(lo, hi + 1)) <= have:
+            return None
+        out.update(range(lo, hi + 1))
     return sorted(out)
 
 
@@ -124,24 +156,28 @@ def start(args: list[str]) -> int:
 def _start(args: list[str]) -> int:
     if not args or args[0] not in VERBS or os.environ.get("VTOOL_EARLY", "1") in ("0", "no", "false", "off"):
         return 0
-    flags = _flags(args[1:])
-    if flags is None:
+    parsed = _flags(args[1:])
+    if parsed is None:
         return 0
+    flags, positional = parsed
     global _key_now
     _key_now = _key(flags)
-    path = _record_path(_key_now)
+    if not _input_looks_valid(args[0], positional):
+        return 0
     try:
-        st = os.stat(path)
+        fd = os.open(_record_path(_key_now), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return 0
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:  # only a record the user wrote alone
-        return 0
-    with open(path) as f:
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:  # only a record the user wrote alone
+            return 0
         record = json.load(f)
     if record.get("context") != _key_now or _stamp(record["stamp_paths"]) != record["stamps"]:
         return 0
     nodes = {int(i): n for i, n in record["nodes"].items()}
-    wanted = _wanted(flags.get("nodes"), sorted(nodes))
+    spec = flags.get("nodes", "0" if args[0] == "scpget" else None)
+    wanted = _wanted(spec, sorted(nodes))
     if not wanted:
         return 0
     import subprocess
@@ -160,6 +196,7 @@ def _start(args: list[str]) -> int:
             start_new_session=True,
             env=env,
         )
+        _opened.append(sock)
         started += 1
     if started:
         atexit.register(_stop_unfinished)
@@ -178,6 +215,29 @@ def wait(socket: str, timeout: float) -> None:
         proc.wait()
 
 
+def abandon() -> None:
+    """The command refused its input after all: stop what ``start`` is still opening and
+    close what it opened (never raises)."""
+    try:
+        _stop_unfinished()
+        if not _opened:
+            return
+        import subprocess
+
+        for sock in _opened:
+            subprocess.run(
+                ["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "exit", "vtool-early"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=10,
+                check=False,
+            )
+        _opened.clear()
+    except Exception:
+        pass
+
+
 def _stop_unfinished() -> None:
     """At exit (e.g. the command refused its input): connections still being opened stop."""
     for proc in list(_started.values()):
@@ -192,10 +252,17 @@ def remembering() -> bool:
     return _key_now is not None
 
 
+def contacted() -> bool:
+    """Whether the command got past its own checks (``remember`` ran)."""
+    return _contacted
+
+
 def remember(stamp_paths: list[str], concurrency: int, nodes: dict[int, tuple[str, list[str]]]) -> None:
     """Write the record ``start`` reads for this command's context: per node index (socket,
     the ``ssh`` command that opens that shared connection in the background). Only when the
     record changed; never raises."""
+    global _contacted
+    _contacted = True
     if _key_now is None:
         return
     try:
@@ -215,7 +282,13 @@ def remember(stamp_paths: list[str], concurrency: int, nodes: dict[int, tuple[st
         except OSError:
             pass
         folder = os.path.dirname(path)
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(folder)
+        if not os.path.isdir(folder) or os.path.islink(folder) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return  # not a private folder of this user's: write nothing there
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

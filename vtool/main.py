@@ -27,6 +27,11 @@ def main() -> None:
         make_program().run()
     except BrokenPipeError:  # `vtool --list | head -1`: the reader left; that is not an error
         pass
+    except BaseException as e:
+        refused = not (isinstance(e, SystemExit) and e.code in (0, None))
+        if refused and opened and not early.contacted():
+            early.abandon()  # the command stopped before contacting the nodes: close what it opened
+        raise
     finally:
         try:
             sys.stdout.flush()

@@ -56,7 +56,8 @@ me=$1; p=$2; size=$3; after=$4; shift 4
 pk="$HOME/.vtool/packages"
 mkdir -p "$pk" || exit 4
 part="$pk/.$p.part.$$"
-trap 'rm -f "$part" "$part.after" "$pk/.$p.to.$$".*' EXIT
+kids=
+trap 'kill $kids 2>/dev/null; rm -f "$part" "$part.after" "$pk/.$p.to.$$".*' EXIT
 trap 'exit 4' HUP TERM PIPE
 a=; b=; ra=; rb=; i=0
 for h in "$@"; do
@@ -68,12 +69,16 @@ for h in "$@"; do
   i=$((i + 1))
 done
 outs=
+for c in a b; do  # every fifo first: a failure here leaves no ssh waiting on one
+  eval "h=\$$c"
+  [ -z "$h" ] || mkfifo "$pk/.$p.to.$$.$c" || exit 4
+done
 for c in a b; do
   eval "h=\$$c; r=\$r$c"
   [ -n "$h" ] || continue
   f="$pk/.$p.to.$$.$c"
-  mkfifo "$f" || exit 4
   ssh -F "$HOME/.vtool/ssh_config" "$h" "exec sh \"\$HOME/.vtool/bin/vtool-fan\" $h $p $size $after$r" < "$f" &
+  kids="$kids $!"
   outs="$outs $f"
 done
 tee -p $outs > "$part"
@@ -88,6 +93,7 @@ if [ "$(stat -c %s "$part")" = "$size" ] && mv -f "$part" "$pk/$p"; then
   fi
 fi
 wait
+kids=
 exit $rc
 """
 
