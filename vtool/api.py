@@ -474,6 +474,13 @@ def _tell_cluster(
 RELAY_MIN_BYTES = 1_000_000  # payloads smaller than this are never relayed
 
 
+def _relays(s: Session, size: int, count: int) -> bool:
+    """Whether a payload of ``size`` bytes for ``count`` nodes is sent once and passed on by
+    the nodes (else the client sends it to each)."""
+    at = s.settings.inject_relay
+    return bool(at) and size >= RELAY_MIN_BYTES and count >= at
+
+
 @dataclass(frozen=True)
 class _Payload:
     path: Path  # on the client
@@ -528,7 +535,7 @@ def _send_payload(
     # A small payload (a delta, a script) goes straight to each node over the connections
     # vtool already has: a relay round would cost more than the bytes it saves.
     relay_min = s.settings.inject_relay if payload.size >= RELAY_MIN_BYTES else 0
-    relaying = bool(relay_min) and len(nodes) >= relay_min
+    relaying = _relays(s, payload.size, len(nodes))
     transfer = remote.receive(payload.name, payload.size) if relaying else payload.install
 
     def check(r: CommandResult, where: str) -> None:
@@ -601,10 +608,10 @@ def _send_payload(
         return str(out[node.index])
 
     for index, code in unpacked_by_fan.items():
-        if code == remote.BASE_CHANGED:
-            out[index] = BaseChanged("the release it had was changed on the node")
-        elif code != 0:
-            out[index] = NodeError(f"unpacking failed: exit {code}")
+        try:
+            check(CommandResult(code, "", ""), "")
+        except VtoolError as e:  # BaseChanged included: the caller sends those the whole package
+            out[index] = e
     got = [x for x in nodes if isinstance(out.get(x.index), str) and x.index not in unpacked_by_fan]
     if not got:
         return out
@@ -721,13 +728,7 @@ def _inject_release(
     # If every target needs the whole package, it streams through this tree (``_broadcast``):
     # the nodes connect to the ones they will pass it on to while the others are prepared.
     tree = None
-    relay_at = s.settings.inject_relay
-    if (
-        not holders
-        and relay_at
-        and len(targets) >= relay_at
-        and Path(release.archive).stat().st_size >= RELAY_MIN_BYTES
-    ):
+    if not holders and _relays(s, Path(release.archive).stat().st_size, len(targets)):
         tree = remote.fan_children([x.name for x in targets])
     checked = _tell_cluster(s, info, targets, release, everyone, trusted=trusted, before=ready, warm=tree)
     failed: dict[int, NodeResult] = {r.index: r for r in checked.failed}

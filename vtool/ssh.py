@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import early
-from .errors import HostKeyMismatch, NodeError, NodeUnreachable
+from .errors import HostKeyMismatch, NodeError, NodeUnreachable, VtoolError
 from .models import CommandResult, SshTarget
+from .state import ensure_private_dir
 
 LineCallback = Callable[[str, str], None]  # (stream "out"|"err", line without newline)
 
@@ -571,17 +572,15 @@ def proxy_env() -> dict[str, str]:
     return {**os.environ, "SHELL": "/bin/sh"}
 
 
-def _private(path: Path, *, folder: bool) -> bool:
-    """``path`` is this user's own, not a link, and nobody else may write it (a folder: nor
-    read or enter it)."""
+def _own_program(path: Path) -> bool:
+    """``path`` is a regular file (not a link) of this user's that nobody else may write."""
     try:
         st = os.lstat(path)
     except OSError:
         return False
     import stat as stat_
 
-    kind = stat_.S_ISDIR if folder else stat_.S_ISREG
-    return kind(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & (0o077 if folder else 0o022)
+    return stat_.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 FAILED_BUILD_RETRY = 24 * 3600  # seconds before a failed build of vtool-connect is tried again
@@ -609,16 +608,17 @@ def connect_helper(folder: Path) -> str | None:
     failed = exe.with_name(exe.name + ".failed")
     found: str | None = None
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError:
-        pass
-    try:
         recent_failure = time.time() - failed.stat().st_mtime < FAILED_BUILD_RETRY
     except OSError:
         recent_failure = False
-    if not _private(folder, folder=True):
-        pass  # someone else could have put a program there: do without
-    elif _private(exe, folder=False) and os.access(exe, os.X_OK):
+    try:
+        ensure_private_dir(folder)
+        private = True
+    except (OSError, VtoolError):  # another user's folder, or a link: do without
+        private = False
+    if not private:
+        pass  # someone else could have put a program there
+    elif _own_program(exe) and os.access(exe, os.X_OK):
         found = str(exe)
     elif not recent_failure and shutil.which("cc"):
         tmp = exe.with_name(f".{exe.name}.{os.getpid()}")
