@@ -424,14 +424,24 @@ def supervised(command: str) -> str:
     """Run ``command`` in the login shell with the node's VTOOL_* variables set (as the launch
     script has them), in a process group of its own that is stopped when vtool's end of the
     connection goes away (a timeout, Ctrl-C, a lost client): the client keeps the session's
-    stdin open, and its end-of-file is the signal. Its exit code is the command's."""
+    stdin open, and its end-of-file is the signal. Its exit code is the command's.
+
+    Where the shell can (bash, zsh, ksh: ``set -m`` works without a terminal), the group is
+    a subshell of this one, which saves starting ``setsid`` and a second shell on every node
+    (measured: 32 warm nodes 0.10 s instead of 0.135 s); elsewhere (dash) ``setsid`` makes
+    it. ``kill -TERM -PID``, not ``kill -- -PID``: dash's kill takes no ``--``."""
     return "\n".join(
         [
             'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi',
+            "set -m 2>/dev/null",
             "exec 3<&0",
-            f'setsid "${{SHELL:-/bin/sh}}" -c {q(command)} </dev/null 3<&- &',
+            "case $- in",
+            f"*m*) ( eval {q(command)} ) </dev/null 3<&- & ;;",
+            f'*) setsid "${{SHELL:-/bin/sh}}" -c {q(command)} </dev/null 3<&- & ;;',
+            "esac",
             "vtool_pid=$!",
-            '(cat >/dev/null; kill -TERM -- "-$vtool_pid") <&3 >/dev/null 2>&1 &',
+            "set +m 2>/dev/null",
+            '(while read -r _; do :; done; kill -TERM -"$vtool_pid") <&3 >/dev/null 2>&1 &',
             "vtool_watch=$!",
             "exec 3<&-",
             'wait "$vtool_pid"',

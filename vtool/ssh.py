@@ -17,19 +17,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from . import early
+from . import early, mux
 from .errors import HostKeyMismatch, NodeError, NodeUnreachable, VtoolError
 from .models import CommandResult, SshTarget
 from .state import ensure_private_dir
 
 LineCallback = Callable[[str, str], None]  # (stream "out"|"err", line without newline)
 
-_running: set[subprocess.Popen[bytes]] = set()
+Process = Any  # a subprocess.Popen of ssh, or a mux.MuxProcess (a session of an open master)
+
+_running: set[Process] = set()
 _running_lock = threading.Lock()
 stopping = threading.Event()  # set on Ctrl-C: no new ssh client starts until the next command
 
 
-def _track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+def _track(proc: Process) -> Process:
     with _running_lock:
         _running.add(proc)
         if stopping.is_set():  # started just as vtool was interrupted
@@ -42,7 +44,7 @@ def _check_stopping() -> None:
         raise NodeError("interrupted")
 
 
-def _untrack(proc: subprocess.Popen[bytes]) -> None:
+def _untrack(proc: Process) -> None:
     with _running_lock:
         _running.discard(proc)
 
@@ -145,6 +147,9 @@ class SshClient:
         self.program = program
         self.control_dir = control_dir
         self.control_path = str(control_dir / control_name) if control_dir is not None else None
+        # Commands go straight to an open master (vtool.mux), not through an ssh process,
+        # unless ssh is some other program (then it is always run) or the path has %-tokens.
+        self.direct = os.path.basename(program) == "ssh" and self.control_path is not None and "%" not in self.control_path
         self.connect_timeout = connect_timeout
         self.retries = retries
         self.options = ssh_options(
@@ -321,24 +326,55 @@ class SshClient:
     ) -> tuple[CommandResult, str]:
         pass_file = input is not None and not isinstance(input, (bytes, bytearray))
         piped = input is not None or hold_stdin
+        stdin = input if pass_file else (subprocess.PIPE if piped else subprocess.DEVNULL)
+        proc, log = self._start(command, stdin, timeout)
+        try:
+            result = self._wait(proc, input, pass_file, timeout, on_line)
+            return result, (_read_log(log) if log else _LOST if getattr(proc, "lost", False) else "")
+        finally:
+            if hold_stdin and proc.stdin is not None:
+                proc.stdin.close()
+            _untrack(proc)
+            if log:
+                Path(log).unlink(missing_ok=True)
+
+    def _start(self, command: str, stdin: Any, timeout: float | None = None) -> tuple[Process, str | None]:
+        """Start ``command`` with its stdout and stderr as pipes: in a session of this node's
+        open shared connection when there is one (vtool.mux: no ssh process), else with
+        ``ssh``. Returns the process and the file ssh writes its own messages to (None for
+        a session: its failures are the process's ``lost``). ``timeout``: the command's, which
+        also bounds the wait for a session to open."""
+        if self.control_path is not None and self.direct:
+            early.wait(self.control_path, self.connect_timeout + 5)  # (vtool.early)
+            _check_stopping()
+            try:
+                session = mux.MuxProcess(
+                    self.control_path,
+                    command,
+                    stdin=stdin,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    open_timeout=min(self.connect_timeout + 5, timeout or float("inf")),
+                )
+                return _track(session), None
+            except mux.Stalled as e:
+                raise NodeError(str(e)) from None
+            except mux.Unavailable:
+                pass  # no usable master: ssh opens one
         log = self._log_file()
-        proc = _track(
-            subprocess.Popen(
+        try:
+            proc = subprocess.Popen(
                 self.argv(command, log=log),
-                stdin=input if pass_file else (subprocess.PIPE if piped else subprocess.DEVNULL),
+                stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C reaches vtool, which stops these (kill_running)
                 env=self.env(),
             )
-        )
-        try:
-            return self._wait(proc, input, pass_file, timeout, on_line), _read_log(log)
-        finally:
-            if hold_stdin and proc.stdin is not None:
-                proc.stdin.close()
-            _untrack(proc)
+        except BaseException:
             Path(log).unlink(missing_ok=True)
+            raise
+        return _track(proc), log
 
     def _log_file(self) -> str:
         import tempfile
@@ -349,7 +385,7 @@ class SshClient:
 
     def _wait(
         self,
-        proc: subprocess.Popen[bytes],
+        proc: Process,
         input: Any,
         pass_file: bool,
         timeout: float | None,
@@ -406,17 +442,7 @@ class SshClient:
     def popen_stdout(self, command: str) -> Stream:
         """Start ``command`` and give its stdout as a pipe (for streams such as a tar archive).
         Its stderr is drained at the same time, so a chatty command cannot stall the stream."""
-        log = self._log_file()
-        proc = _track(
-            subprocess.Popen(
-                self.argv(command, log=log),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                env=self.env(),
-            )
-        )
+        proc, log = self._start(command, subprocess.DEVNULL)
         stream = Stream(proc, log)
         stream.widened = _widen(proc.stdout)
         return stream
@@ -441,8 +467,11 @@ class SshClient:
             _untrack(proc)
             if stream.widened:
                 _unwiden()
-            log = _read_log(stream.log)
-            Path(stream.log).unlink(missing_ok=True)
+            if stream.log:
+                log = _read_log(stream.log)
+                Path(stream.log).unlink(missing_ok=True)
+            else:
+                log = _LOST if getattr(proc, "lost", False) else ""
         err = b"".join(stream.err).decode(errors="replace")
         if rc == 255 and log.strip():
             _raise_for_ssh_error(log, self.target)
@@ -453,7 +482,7 @@ class SshClient:
 class Stream:
     """A running ``ssh`` whose stdout the caller reads; stderr is collected meanwhile."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], log: str) -> None:
+    def __init__(self, proc: Process, log: str | None) -> None:
         self.proc = proc
         self.log = log
         self.widened = False
@@ -513,6 +542,9 @@ def _read_log(path: str) -> str:
     except OSError:
         return ""
 
+
+# A session of an open master that ended without the command's exit status (vtool.mux).
+_LOST = "the shared connection to the node closed before the command finished"
 
 # What ssh adds when its ProxyCommand (vtool-connect) could not connect; the helper's own
 # line before it says why.

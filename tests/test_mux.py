@@ -1,0 +1,127 @@
+"""A command on a node with an open shared connection goes straight to its master
+(vtool.mux: OpenSSH's multiplexing protocol), with no ssh process; without a usable master,
+vtool runs ssh as before. Either way the command behaves the same."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Env, pids_whose_cmdline_has, wait_for
+
+from vtool import remote
+
+
+def _session(env: Env):  # type: ignore[no-untyped-def]
+    import vtool
+    from vtool import api
+
+    return api.Session(vtool.settings())
+
+
+def _master_pid(sock: str) -> int:
+    r = subprocess.run(["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "check", "x"],
+                       capture_output=True, text=True, timeout=10, check=False)
+    assert r.returncode == 0, r.stderr
+    return int(r.stderr.split("pid=")[1].split(")")[0])
+
+
+def test_commands_on_an_open_master_start_no_ssh_process(cluster3: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = _session(cluster3)
+    node = s.info().nodes[0]
+    client = s.client(node)
+    assert client.direct
+    client.run("true")  # opens the shared connection (with ssh, or early's)
+    assert Path(client.control_path).is_socket()  # type: ignore[arg-type]
+
+    def no_ssh(*a: object, **k: object) -> None:
+        raise AssertionError(f"an ssh process was started: {a}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_ssh)
+    r = client.run("echo out; echo err >&2; cat; exit 7", input=b"from stdin\n")
+    assert (r.exit_code, r.stdout, r.stderr) == (7, "out\nfrom stdin\n", "err\n")
+    # A file as stdin is handed to the master as it is (the package path of inject).
+    with open(__file__, "rb") as f:
+        r = client.run("wc -c", input=f)
+    assert r.exit_code == 0 and int(r.stdout.split()[0]) == os.path.getsize(__file__)
+    # Exit 255 from the command itself is the command's, not a lost connection.
+    assert client.run("exit 255").exit_code == 255
+    lines: list[tuple[str, str]] = []
+    client.run("echo a; echo b >&2", on_line=lambda stream, line: lines.append((stream, line)))
+    assert sorted(lines) == [("err", "b"), ("out", "a")]
+    # A stream (scpget's tar) too.
+    stream = client.popen_stdout("printf 'abc'; echo note >&2")
+    assert stream.stdout.read() == b"abc"
+    assert client.finish_stream(stream).stderr == "note\n"
+
+
+def test_without_a_usable_master_ssh_runs_and_opens_one(cluster3: Env) -> None:
+    s = _session(cluster3)
+    node = s.info().nodes[1]
+    client = s.client(node)
+    client.run("true")
+    sock = client.control_path
+    assert sock is not None
+    # A master that died and left its socket behind: ssh replaces it.
+    pid = _master_pid(sock)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
+    assert Path(sock).exists()
+    r = client.run("echo again")
+    assert (r.exit_code, r.stdout) == (0, "again\n")
+    assert _master_pid(sock) != pid
+    # No socket at all.
+    client.close()
+    wait_for(lambda: not Path(sock).exists())
+    assert client.run("echo fresh").stdout == "fresh\n"
+
+
+def test_a_master_lost_during_a_command_is_an_error_not_an_exit_code(cluster3: Env) -> None:
+    from vtool.errors import NodeError
+
+    s = _session(cluster3)
+    client = s.client(s.info().nodes[2])
+    client.run("true")
+    pid = _master_pid(client.control_path)  # type: ignore[arg-type]
+    import threading
+
+    threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+    with pytest.raises(NodeError, match="shared connection to the node closed before the command finished"):
+        client.run("sleep 20", retries=0)
+
+
+def test_a_timeout_stops_the_command_on_the_node(cluster3: Env) -> None:
+    r = cluster3.cli("run", "true")
+    assert r.returncode == 0
+    r = cluster3.cli("run", "sleep 1201", "--nodes", "0", extra_env={"VTOOL_TIMEOUT_COMMAND": "1"})
+    assert r.returncode != 0 and "timed out" in r.stderr, r.stderr
+    wait_for(lambda: not pids_whose_cmdline_has("sleep 1201"), timeout=15)
+
+
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp_path: Path) -> None:
+    """Without the ssh layer: the wrapper under each login shell. dash has no job control
+    without a terminal (the setsid path) and its kill takes no ``--``."""
+    path = f"/bin/{shell}"
+    if not os.path.exists(path):
+        pytest.skip(f"{shell} is not installed")
+    script = remote.supervised("sleep 1301 & sleep 1302; echo never")
+    p = subprocess.Popen([path, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "SHELL": path, "HOME": str(tmp_path)})
+    wait_for(lambda: pids_whose_cmdline_has("sleep 1301") and pids_whose_cmdline_has("sleep 1302"))
+    assert p.stdin is not None
+    p.stdin.close()  # vtool's end goes away
+    assert p.wait(timeout=20) == 128 + signal.SIGTERM
+    assert p.stdout is not None and b"never" not in p.stdout.read()
+    wait_for(lambda: not pids_whose_cmdline_has("sleep 1301") and not pids_whose_cmdline_has("sleep 1302"))
+    # The command's own exit code and output otherwise (vtool's end stays open meanwhile).
+    p = subprocess.Popen([path, "-c", remote.supervised("echo out; echo err >&2; exit 7")], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "SHELL": path, "HOME": str(tmp_path)})
+    assert p.wait(timeout=20) == 7
+    assert p.stdout is not None and p.stderr is not None and p.stdin is not None
+    assert (p.stdout.read(), p.stderr.read()) == (b"out\n", b"err\n")
+    p.stdin.close()
