@@ -339,3 +339,51 @@ def test_a_base_changed_on_a_node_gets_the_whole_package(cluster3: Env) -> None:
     assert r.stdout.count("package changes sent)") == 2
     for i in range(3):
         assert _tree(_release_dir(cluster3, i, "proj")) == _tree(pkg)  # type: ignore[arg-type]
+
+
+def _fan_alone(home: Path, release, payload: str, size: int, data: bytes) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """vtool-fan on this machine, as the last node of a tree (no nodes to pass it on to)."""
+    import subprocess
+
+    (home / ".vtool" / "bin").mkdir(parents=True, exist_ok=True)
+    (home / ".vtool" / "bin" / "vtool-fan").write_text(remote.FAN)
+    command = remote.fan("me", payload, size, [], remote.install(release, payload, size, streamed=True))
+    r = subprocess.run(["sh", "-c", command], input=data, capture_output=True, timeout=60,
+                       env={**os.environ, "HOME": str(home)})
+    return r.stdout.decode(), r.stderr.decode()
+
+
+def test_the_tree_unpacks_as_it_receives_and_moves_nothing_in_before_the_copy_is_complete(tmp_path: Path) -> None:
+    """A plain tar cut off between two files unpacks without an error: vtool-fan's size check
+    of the copy it keeps decides, and the release appears only when it passes."""
+    import io
+
+    from vtool.models import Release
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, size in (("pkg", 0), ("pkg/a.bin", 40_000), ("pkg/b.bin", 40_000)):
+            info = tarfile.TarInfo(name)
+            if size:
+                info.size = size
+                tar.addfile(info, io.BytesIO(os.urandom(size)))
+            else:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+    data = buf.getvalue()
+    release = Release(name="pkg", hash="0123456789abcdef", compression="none", archive="-")
+    payload = f"{release.dirname}.tar"
+    rel = tmp_path / "h1" / ".vtool" / "releases" / release.dirname
+    # Cut right after a.bin (header 512 + 40,000 bytes padded to 40,448): tar itself is happy.
+    cut = 512 + 512 + 40_448
+    out, err = _fan_alone(tmp_path / "h1", release, payload, len(data), data[:cut])
+    assert "vtool-got me" not in out and "vtool-unpacked me 0" not in out, (out, err)
+    assert "arrived incomplete" in err
+    assert not rel.exists() and not (tmp_path / "h1" / ".vtool" / "packages" / payload).exists()
+    assert not list((tmp_path / "h1" / ".vtool" / "releases").glob(".incoming.*"))  # nothing left half-done
+    # The whole stream: kept, unpacked, in place.
+    out, err = _fan_alone(tmp_path / "h1", release, payload, len(data), data)
+    assert out.splitlines() == ["vtool-got me", "vtool-unpacked me 0"], (out, err)
+    assert (rel / "b.bin").stat().st_size == 40_000
+    assert (tmp_path / "h1" / ".vtool" / "packages" / payload).read_bytes() == data
+    assert not [p for p in (tmp_path / "h1" / ".vtool" / "packages").iterdir() if p.name.startswith(".")]
