@@ -488,7 +488,6 @@ class _Payload:
     install: str  # the node command that keeps it and unpacks it from stdin (sent directly)
     size: int
     unpack: str  # the node command that unpacks the kept copy (relayed: received first, passed on, then this)
-    streamed: str  # the node command that unpacks it as it arrives while vtool-fan keeps it (the tree)
 
 
 def _full_payload(release: Release) -> _Payload:
@@ -496,12 +495,7 @@ def _full_payload(release: Release) -> _Payload:
     name = f"{release.dirname}.tar" + ("" if release.compression == "none" else f".{release.compression}")
     size = path.stat().st_size
     return _Payload(
-        path,
-        name,
-        remote.install(release, name, size),
-        size,
-        remote.install(release, name, size, kept=True),
-        remote.install(release, name, size, streamed=True),
+        path, name, remote.install(release, name, size), size, remote.install(release, name, size, kept=True)
     )
 
 
@@ -520,7 +514,6 @@ def _delta_payload(release: Release, base: str) -> _Payload | None:
         remote.install(release, path.name, size, base=base, compression="gz"),
         size,
         remote.install(release, path.name, size, base=base, compression="gz", kept=True),
-        remote.install(release, path.name, size, base=base, compression="gz", streamed=True),
     )
 
 
@@ -682,7 +675,7 @@ def _broadcast(
                 got[node.index] = "direct" if node is first else "relay"
             done(node.index, None)
 
-    command = remote.fan(first.name, payload.name, payload.size, [x.name for x in nodes[1:]], payload.streamed)
+    command = remote.fan(first.name, payload.name, payload.size, [x.name for x in nodes[1:]], payload.unpack)
     try:
         with open(payload.path, "rb") as f:
             s.client(first).run(command, input=f, timeout=timeout, on_line=line)

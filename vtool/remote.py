@@ -47,9 +47,8 @@ cmd=$(cat "$run/command")
 # for another to finish. Prints "vtool-got NAME" once its own copy is complete; the lines of
 # the nodes below it come up the same way. A node that fails leaves only its own subtree
 # without the payload (tee -p goes on writing to the others); vtool sends those afterwards.
-# AFTER (a shell command in base64, "-" for none: the unpack, install(streamed=True)) reads
-# the payload as it arrives too, and reads "ok" on descriptor 3 once the kept copy is
-# complete (nothing moves into place before); then "vtool-unpacked NAME EXIT_CODE".
+# Then it runs AFTER (a shell command in base64, "-" for none: the unpack) and prints
+# "vtool-unpacked NAME EXIT_CODE".
 # Arguments: ITS_NAME PAYLOAD SIZE AFTER [NAME ...] (names: the Hosts of ~/.vtool/ssh_config).
 FAN = r"""#!/bin/sh
 # written by vtool: keep the payload on stdin and pass it on to the nodes named (see vtool/remote.py)
@@ -82,26 +81,16 @@ for c in a b; do
   kids="$kids $!"
   outs="$outs $f"
 done
-unp=
-if [ "$after" != - ]; then
-  un="$pk/.$p.to.$$.un"; go="$pk/.$p.to.$$.go"
-  printf %s "$after" | base64 -d > "$part.after" && mkfifo "$un" "$go" || exit 4
-  (sh "$part.after" 3<"$go" <"$un"; echo "vtool-unpacked $me $?") &
-  unp=$!
-  kids="$kids $unp"
-  exec 5>"$go"
-  outs="$outs $un"
-fi
 tee -p $outs > "$part"
 rc=4
 if [ "$(stat -c %s "$part")" = "$size" ] && mv -f "$part" "$pk/$p"; then
   echo "vtool-got $me"
   rc=0
-  [ -z "$unp" ] || (trap '' PIPE; echo ok) >&5 2>/dev/null || true
-fi
-if [ -n "$unp" ]; then
-  exec 5>&-
-  wait "$unp"
+  if [ "$after" != - ]; then
+    printf %s "$after" | base64 -d > "$part.after" && (sh "$part.after" </dev/null); x=$?
+    rm -f "$part.after"
+    echo "vtool-unpacked $me $x"
+  fi
 fi
 wait
 kids=
@@ -284,13 +273,7 @@ RELAY_NO_PAYLOAD = 76  # the relaying node no longer has the payload
 
 
 def install(
-    release: Release,
-    payload: str,
-    size: int,
-    base: str | None = None,
-    compression: str = "",
-    kept: bool = False,
-    streamed: bool = False,
+    release: Release, payload: str, size: int, base: str | None = None, compression: str = "", kept: bool = False
 ) -> str:
     """Unpack the payload on stdin into the release folder (atomically; a no-op if present).
 
@@ -301,8 +284,6 @@ def install(
 
     ``compression``: the payload's, when it is not the release's (a delta is a .tar.gz).
     ``kept``: unpack the copy already in ``~/.vtool/packages`` (see ``receive``), not stdin.
-    ``streamed``: unpack stdin as it arrives while vtool-fan keeps the copy (FAN); nothing
-    moves into place until vtool-fan says on descriptor 3 that its copy is complete.
     With ``base``, the files the delta does not carry are hard links to the base release's,
     once their sha256 is checked: that release is never changed by vtool, and a base that
     was changed on the node makes the install exit BASE_CHANGED (the caller sends it whole).
@@ -322,17 +303,6 @@ def install(
             'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
             "trap 'rm -rf \"$tmp\"' EXIT",
             f'tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner',
-        ]
-    elif streamed:
-        parts += [
-            'if [ -d "$rel" ]; then cat >/dev/null; exit 0; fi',
-            'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
-            "trap 'rm -rf \"$tmp\"' EXIT",
-            f'tar -x {flag} -f - -C "$tmp" --no-same-owner',
-            # A plain tar cut off between two files unpacks without an error: the size of the
-            # copy vtool-fan kept decides.
-            "v=; read -r v <&3 || true",
-            '[ "$v" = ok ] || { echo "the package arrived incomplete" >&2; exit 4; }',
         ]
     else:
         parts += [
@@ -364,7 +334,7 @@ def install(
         # Another inject may have unpacked the same release meanwhile: that is as good.
         f'mv -T "$tmp/"{q(release.name)} "$rel" 2>/dev/null || [ -d "$rel" ]',
         f'touch "$d/."{q(release.dirname)}".unpacked"',  # when it was unpacked (see base above)
-        "true" if kept or streamed else f'mv -f "$tmp/.payload" "$pk/"{q(payload)}',
+        "true" if kept else f'mv -f "$tmp/.payload" "$pk/"{q(payload)}',
         # Keep only this release's payloads (a node passes on what it has just received).
         f'for f in "$pk"/*; do case "${{f##*/}}" in {q(release.dirname)}*) ;; *) rm -f -- "$f";; esac; done',
     ]
