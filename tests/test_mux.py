@@ -47,8 +47,10 @@ def test_commands_on_an_open_master_start_no_ssh_process(cluster3: Env, monkeypa
     with open(__file__, "rb") as f:
         r = client.run("wc -c", input=f)
     assert r.exit_code == 0 and int(r.stdout.split()[0]) == os.path.getsize(__file__)
-    # Exit 255 from the command itself is the command's, not a lost connection.
+    # Exit 255 from the command itself is the command's, not a lost connection; so is a
+    # command killed by a signal (no exit status: 255, as ssh says), while the master lives.
     assert client.run("exit 255").exit_code == 255
+    assert client.run("kill -9 $$").exit_code == 255
     lines: list[tuple[str, str]] = []
     client.run("echo a; echo b >&2", on_line=lambda stream, line: lines.append((stream, line)))
     assert sorted(lines) == [("err", "b"), ("out", "a")]
@@ -117,6 +119,12 @@ def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp
     assert p.wait(timeout=20) == 128 + signal.SIGTERM
     assert p.stdout is not None and b"never" not in p.stdout.read()
     wait_for(lambda: not pids_whose_cmdline_has("sleep 1301") and not pids_whose_cmdline_has("sleep 1302"))
+    # The command has a shell of its own: its $$ is not the wrapper's.
+    p = subprocess.Popen([path, "-c", remote.supervised("kill -TERM $$; echo after")], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, env={**os.environ, "SHELL": path, "HOME": str(tmp_path)})
+    assert p.wait(timeout=20) == 128 + signal.SIGTERM
+    assert p.stdout is not None and p.stdin is not None and p.stdout.read() == b""
+    p.stdin.close()
     # The command's own exit code and output otherwise (vtool's end stays open meanwhile).
     p = subprocess.Popen([path, "-c", remote.supervised("echo out; echo err >&2; exit 7")], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -125,3 +133,72 @@ def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp
     assert p.stdout is not None and p.stderr is not None and p.stdin is not None
     assert (p.stdout.read(), p.stderr.read()) == (b"out\n", b"err\n")
     p.stdin.close()
+
+
+def _fake_master(path: str, behaviour: str) -> None:
+    """A master that answers HELLO, takes one request and then: ``close``s, ``refuse``s,
+    stays ``silent``, or (``garbage``) says something other than HELLO first."""
+    import socket
+    import struct
+    import threading
+
+    from vtool import mux
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            if behaviour == "garbage":
+                conn.sendall(struct.pack(">III", 8, 0x12345678, 4))
+                conn.recv(4096)
+                return
+            conn.sendall(struct.pack(">III", 8, mux.HELLO, mux.VERSION))
+            def exactly(n: int) -> bytes:
+                data = b""
+                while len(data) < n:
+                    data += conn.recv(n - len(data))
+                return data
+
+            exactly(12)  # the client's hello
+            (length,) = struct.unpack(">I", exactly(4))
+            exactly(length)  # the request
+            for _ in range(3):  # the three descriptors, each with one byte (this test's own fds)
+                for fd in socket.recv_fds(conn, 1, 1)[1]:
+                    os.close(fd)
+            if behaviour == "refuse":
+                reason = b"no sessions today"
+                body = struct.pack(">II", mux.S_FAILURE, 0) + struct.pack(">I", len(reason)) + reason
+                conn.sendall(struct.pack(">I", len(body)) + body)
+            elif behaviour == "silent":
+                conn.recv(1)  # until the client gives up
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+@pytest.mark.parametrize(
+    "behaviour, error, text",
+    [
+        ("close", "Uncertain", "closed while it opened a session"),
+        ("silent", "Uncertain", "timed out after 0.5s"),
+        ("refuse", "Unavailable", "no sessions today"),
+        ("garbage", "Unavailable", "another protocol"),
+    ],
+)
+def test_a_request_that_went_out_is_never_started_another_way(
+    tmp_path: Path, behaviour: str, error: str, text: str
+) -> None:
+    """Unavailable (nothing started: ssh may run it) only when nothing can have started;
+    once the request is out, no answer is Uncertain (vtool.ssh reports it, never retries)."""
+    from vtool import mux
+
+    path = str(tmp_path / "m")
+    _fake_master(path, behaviour)
+    before = set(os.listdir("/proc/self/fd"))
+    p = mux.MuxProcess(path)
+    with pytest.raises(getattr(mux, error), match=text):
+        p.open("true", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, open_timeout=0.5)
+    assert set(os.listdir("/proc/self/fd")) <= before  # no descriptor left open

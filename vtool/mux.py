@@ -9,9 +9,10 @@ passed over the socket (SCM_RIGHTS). The master opens the session as it would fo
 
 ``MuxProcess`` looks like the ``subprocess.Popen`` that ``ssh`` would have been (``stdin``,
 ``stdout``, ``stderr``, ``wait``, ``kill``, ``returncode``), so vtool.ssh handles both
-alike. When there is no usable master (no socket, a stale one, a refusal before the
-session opened), it raises ``Unavailable`` and vtool starts ``ssh`` as before, which opens
-a new master.
+alike. When there is no usable master (no socket, a stale one, a refusal), ``open`` raises
+``Unavailable`` and vtool starts ``ssh`` as before, which opens a new master. Once the
+request is out, no answer is ``Uncertain``: the command may be running, so it is an error,
+never a second start.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from typing import IO, Any
 
 HELLO = 0x00000001
@@ -39,8 +41,9 @@ class Unavailable(Exception):
     """No session was opened (the master is gone or refused): run ``ssh`` instead."""
 
 
-class Stalled(Exception):
-    """The master took the request but did not say whether the session opened."""
+class Uncertain(Exception):
+    """The request went out and no answer came back (a timeout, the master went away): the
+    command may have started, so it must not be started another way."""
 
 
 def _string(data: bytes) -> bytes:
@@ -80,71 +83,72 @@ def _reason(body: bytes) -> str:
 
 
 class MuxProcess:
-    """A command running in a session of the master at ``control_path``.
+    """A command running in a session of the master at ``control_path``: make it, then
+    ``open`` it (so that it can be tracked, and killed, while it opens).
 
     ``stdin``: ``subprocess.DEVNULL``, ``subprocess.PIPE`` (then ``.stdin`` is the write end)
     or a binary file object whose descriptor the master reads itself (a package file).
     ``stdout``/``stderr``: ``subprocess.PIPE`` (``.stdout``/``.stderr`` are the read ends)
-    or ``subprocess.DEVNULL``. Raises Unavailable if the master does not open the session,
-    Stalled if it took the request and did not answer in ``open_timeout`` seconds.
+    or ``subprocess.DEVNULL``.
     """
 
-    def __init__(
-        self, control_path: str, command: str, *, stdin: Any, stdout: Any, stderr: Any, open_timeout: float = 15
-    ) -> None:
+    def __init__(self, control_path: str) -> None:
+        self.control_path = control_path
         self.returncode: int | None = None
         self.stdin: IO[bytes] | None = None
         self.stdout: IO[bytes] | None = None
         self.stderr: IO[bytes] | None = None
+        self.lost = False  # the session ended without the command's exit status, and the master is gone
         self._killed = False
-        self.lost = False  # the session ended without the command's exit status
+        self._opened = False
         self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def open(self, command: str, *, stdin: Any, stdout: Any, stderr: Any, open_timeout: float = 15) -> None:
+        """Start ``command``. Raises Unavailable (nothing started: use ssh) or Uncertain (the
+        request is out and unanswered, or this was killed meanwhile)."""
+        sock = self._sock
         theirs: list[int] = []  # the descriptors the master gets; closed here once passed
         mine: list[int] = []  # our ends, closed if the session does not open
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as e:
-            raise Unavailable(str(e)) from None
-        self._sock = sock
-        try:
             sock.settimeout(5)  # a master that accepts but does not say hello is not usable
             try:
-                sock.connect(control_path)
-            except OSError as e:
-                raise Unavailable(f"no master at {control_path}: {e}") from None
-            fds = [self._end(stdin, True, theirs, mine), self._end(stdout, False, theirs, mine)]
-            fds.append(self._end(stderr, False, theirs, mine))
-            try:
+                sock.connect(self.control_path)
                 _send(sock, struct.pack(">II", HELLO, VERSION))
                 kind, body = _recv(sock)
-                if kind != HELLO or struct.unpack(">I", body[:4])[0] != VERSION:
+                if kind != HELLO or body[:4] != struct.pack(">I", VERSION):
                     raise Unavailable(f"the master speaks another protocol ({kind:#x})")
-                request = struct.pack(">II", NEW_SESSION, 0) + _string(b"")
-                request += struct.pack(">IIIII", 0, 0, 0, 0, NO_ESCAPE)  # no tty, X11, agent, subsystem
-                request += _string(b"") + _string(command.encode())  # terminal type, command
-                _send(sock, request)
-                for fd in fds:
-                    socket.send_fds(sock, [b"\0"], [fd])
             except (OSError, EOFError) as e:
-                raise Unavailable(f"the master did not take the session: {e}") from None
+                raise Unavailable(f"no usable master at {self.control_path}: {e}") from None
+            fds = [self._end(stdin, True, theirs, mine), self._end(stdout, False, theirs, mine)]
+            fds.append(self._end(stderr, False, theirs, mine))
+            request = struct.pack(">II", NEW_SESSION, 0) + _string(b"")
+            request += struct.pack(">IIIII", 0, 0, 0, 0, NO_ESCAPE)  # no tty, X11, agent, subsystem
+            request += _string(b"") + _string(command.encode())  # terminal type, command
+            try:
+                _send(sock, request)
+            except OSError as e:  # nothing of the request arrived, or not all of it
+                raise Unavailable(f"the master did not take the request: {e}") from None
             sock.settimeout(open_timeout)
             try:
+                for fd in fds:
+                    socket.send_fds(sock, [b"\0"], [fd])
                 kind, body = _recv(sock)
             except TimeoutError:
-                # The request is out: the session may still open, so running the command
-                # another way could run it twice.
-                raise Stalled(f"timed out after {open_timeout:g}s waiting for the shared connection to open a session") from None
-            except (OSError, EOFError) as e:  # the master is gone, and the session with it
-                raise Unavailable(f"the master did not take the session: {e}") from None
+                raise Uncertain(
+                    f"timed out after {open_timeout:g}s waiting for the shared connection to open a session"
+                ) from None
+            except (OSError, EOFError):
+                # The master sends the command to the node before it answers: it may run.
+                raise Uncertain("the shared connection to the node closed while it opened a session") from None
             if kind in (S_PERMISSION_DENIED, S_FAILURE):
                 raise Unavailable(f"the master refused the session: {_reason(body)}")
             if kind != S_SESSION_OPENED:
-                raise Unavailable(f"unexpected reply {kind:#x} from the master")
+                raise Uncertain(f"unexpected reply {kind:#x} from the shared connection's master")
             sock.settimeout(None)
-        except BaseException:  # Unavailable, Stalled, Ctrl-C
+        except BaseException:  # Unavailable, Uncertain, Ctrl-C
             for fd in theirs + mine:
                 os.close(fd)
-            self.stdin = self.stdout = self.stderr = None
             sock.close()
             raise
         for fd in theirs:
@@ -157,6 +161,7 @@ class MuxProcess:
             self.stdout = next(files)
         if stderr == subprocess.PIPE:
             self.stderr = next(files)
+        self._opened = True
 
     @staticmethod
     def _end(spec: Any, reading: bool, theirs: list[int], mine: list[int]) -> int:
@@ -174,14 +179,17 @@ class MuxProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         """The command's exit code, once the master has closed the session (its output is
-        then complete). 255 if the master went away first, as ``ssh`` says."""
+        then complete). 255 when no exit status came (the command was killed by a signal,
+        as ``ssh`` says); ``lost`` when the master itself went away."""
         with self._lock:
             if self.returncode is not None:
                 return self.returncode
-            self._sock.settimeout(timeout)
+            deadline = None if timeout is None else time.monotonic() + timeout
             code = None
             try:
                 while True:
+                    if deadline is not None:
+                        self._sock.settimeout(max(0.001, deadline - time.monotonic()))
                     kind, body = _recv(self._sock)
                     if kind == S_EXIT_MESSAGE and len(body) >= 8:
                         code = struct.unpack(">I", body[4:8])[0]
@@ -192,9 +200,10 @@ class MuxProcess:
             except (OSError, EOFError):
                 pass
             self._sock.close()
+            if code is None and not self._killed:
+                self.lost = not alive(self.control_path)
             # An exit status that arrived before a kill is still the command's (as with a
             # process that had exited before it was killed).
-            self.lost = code is None and not self._killed
             self.returncode = code if code is not None else -9 if self._killed else LOST
             return self.returncode
 
@@ -205,14 +214,17 @@ class MuxProcess:
         """Stop: end our side of the socket, so the master ends the session (the remote
         command sees end-of-file on its stdin, as when ``ssh`` is killed) and closes it; what
         it sent before (an exit status) is still read. If the master does not close it within
-        2 s, the socket is cut, so ``wait`` returns in any case."""
+        2 s, or the session was still opening, the socket is cut, so nothing waits on it."""
         if self.returncode is not None or self._killed:
             return
         self._killed = True
+        if not self._opened:
+            self._cut()
+            return
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
-            return
+            pass
         timer = threading.Timer(2, self._cut)
         timer.daemon = True
         timer.start()
@@ -224,3 +236,15 @@ class MuxProcess:
             pass
 
     terminate = kill
+
+
+def alive(control_path: str) -> bool:
+    """Whether a master answers at ``control_path`` (the HELLO exchange)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(control_path)
+            _send(sock, struct.pack(">II", HELLO, VERSION))
+            return _recv(sock)[0] == HELLO
+    except (OSError, EOFError):
+        return False

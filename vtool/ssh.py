@@ -346,21 +346,27 @@ class SshClient:
         also bounds the wait for a session to open."""
         if self.control_path is not None and self.direct:
             early.wait(self.control_path, self.connect_timeout + 5)  # (vtool.early)
-            _check_stopping()
+            session = _track(mux.MuxProcess(self.control_path))  # Ctrl-C stops it while it opens
             try:
-                session = mux.MuxProcess(
-                    self.control_path,
+                _check_stopping()
+                session.open(
                     command,
                     stdin=stdin,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     open_timeout=min(self.connect_timeout + 5, timeout or float("inf")),
                 )
-                return _track(session), None
-            except mux.Stalled as e:
+                return session, None
+            except mux.Uncertain as e:
+                _untrack(session)
+                _check_stopping()
                 raise NodeError(str(e)) from None
             except mux.Unavailable:
-                pass  # no usable master: ssh opens one
+                _untrack(session)  # no usable master: ssh opens one
+                _check_stopping()
+            except BaseException:
+                _untrack(session)
+                raise
         log = self._log_file()
         try:
             proc = subprocess.Popen(
