@@ -954,7 +954,7 @@ def clean_nodes(b: Bench, names: Iterable[str]) -> None:
     just before the next run made that run measure the delete, and more for the tool whose
     folder sat where the deleted files had been (vtool: 7.6 s against 4.2 s once the deletes
     were 60 s old; rsync: 6.5 s against 5.6 s). ``empty_trash`` deletes the trash when the
-    disk runs low, then waits those 60 s."""
+    disk runs low, then waits those 60 s. Then everything is written to the disk (sync)."""
     if shutil.disk_usage(b.tmp).free < TRASH_FLOOR:
         empty_trash(b)
     b.trashed += 1
@@ -975,6 +975,10 @@ def clean_nodes(b: Bench, names: Iterable[str]) -> None:
             os.rename(path, trash / f"{k}-{os.path.basename(path)}")
         for d in PEER_DIRS:
             (home / d).mkdir()
+    # And what the last run wrote goes to the disk now, untimed: kept (not deleted), the
+    # runs' writes would pile up in the page cache until the kernel throttles every writer
+    # (a 20 MB inject into 32 nodes writes 1.3 GB), and a run would measure its predecessors.
+    os.sync()
 
 
 TRASH_FLOOR = 12 * 2**30  # empty the trash when less than this is free
@@ -1605,7 +1609,9 @@ system), every file created within 60 s of a delete makes the kernel step over e
 deleted inode (`recently_deleted` in `find_inode_bit`). Deleting the previous run's 28,800 files just
 before a run made that run measure the delete, and the tool whose folder took the deleted
 inodes' place paid most: vtool 7.6 s against 4.2 s, rsync 6.5 s against 5.6 s, in one
-paired measurement of workload 3. (Earlier reports deleted before every run.)
+paired measurement of workload 3. (Earlier reports deleted before every run.) After the
+move, `sync` writes the previous run's files to the disk, untimed, so that no run waits for
+its predecessors' writes (deleted files were never written; kept ones would be).
 
 **Bytes (workload 6)**: the bench runs a TCP forwarder per node on 127.0.0.1 (an ephemeral
 port, forwarding to the node's sshd), counting the bytes in each direction and the
