@@ -1575,7 +1575,7 @@ include starting Python and importing the library, as vtool's CLI rows do.
 
 | tool | how | host keys | key exchange | parallelism |
 |---|---|---|---|---|
-| vtool | `vtool run hostname --nodes 0-N-1`, `vtool scpgetall` | pinned, strict (the cluster's known_hosts) | curve25519-sha256 (vtool's default `ssh.kex`) | `concurrency` default 32; shared connections (ControlMaster, ControlPersist 300 s) |
+| vtool | `vtool run hostname --nodes 0-N-1`, `vtool scpgetall` | pinned, strict (the cluster's known_hosts) | curve25519-sha256 (vtool's default `ssh.kex`) | `concurrency` default 32; shared connections (ControlMaster, ControlPersist 300 s), opened while vtool starts; commands go to the open master directly, with no ssh process per command (`vtool/mux.py`) |
 | parallel-ssh | `ParallelSSHClient(...).run_command`, `copy_remote_file` (SFTP) | **not verified before connecting**: parallel-ssh has no known_hosts option; the bench compares each server's key with the pinned one afterwards and fails the node on a mismatch | libssh2's default | `pool_size=N` |
 | Fabric | `ThreadingGroup.from_connections(...)`, `.run`, `.get` (SFTP) | strict: `RejectPolicy` and a known_hosts file translated to `[127.0.0.1]:PORT` names | paramiko's default | one thread per node |
 | ansible-core | `ansible all -i INVENTORY -m command -a hostname -f N`, `-m fetch` | strict: the cluster's known_hosts with `HostKeyAlias` per host | OpenSSH's default (sntrup761x25519) | `-f N`; pipelining on, interpreter given (both favour ansible); ControlPersist 60 s (its default) |
