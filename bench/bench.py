@@ -939,7 +939,8 @@ def source_trees(b: Bench, files: int, mb: float) -> tuple[Package, Package]:
 
 
 TRASH = ".bench-trash"  # in every node's home: what clean_nodes moved out of the way
-SETTLE = 61  # seconds ext4 (without a journal) treats a deleted inode as recently deleted (60), and one
+TRASH_FLOOR = 12 * 2**30  # empty the trash when less than this is free
+SETTLE = 61  # ext4 without a journal treats a deleted inode as recently deleted for 60 s
 
 
 def clean_nodes(b: Bench, names: Iterable[str]) -> None:
@@ -947,14 +948,10 @@ def clean_nodes(b: Bench, names: Iterable[str]) -> None:
     (``~/.vtool/releases/*``, ``~/.vtool/packages/*``), no ``~/NAME`` link, and every peer's
     target folder empty (it exists: ansible's unarchive wants it to).
 
-    Nothing is deleted here: it is moved into the node's trash folder. On ext4 without a
-    journal (this machine's disk), every file created within 60 s of a delete skips the
-    deleted inodes one by one (the kernel's ``recently_deleted``; ``perf`` showed it taking 80%
-    of the CPU while 32 nodes unpacked 900 files each): deleting the last run's 28,800 files
-    just before the next run made that run measure the delete, and more for the tool whose
-    folder sat where the deleted files had been (vtool: 7.6 s against 4.2 s once the deletes
-    were 60 s old; rsync: 6.5 s against 5.6 s). ``empty_trash`` deletes the trash when the
-    disk runs low, then waits those 60 s. Then everything is written to the disk (sync)."""
+    Nothing is deleted here: it is moved into the node's trash folder (``empty_trash``
+    deletes it when the disk runs low), then written to the disk (sync). Why: the report's
+    paragraph on "Removed" (write_report); ``perf`` showed the kernel's ``recently_deleted``
+    taking 80% of the CPU while 32 nodes unpacked 900 files each right after a delete."""
     if shutil.disk_usage(b.tmp).free < TRASH_FLOOR:
         empty_trash(b)
     b.trashed += 1
@@ -981,12 +978,9 @@ def clean_nodes(b: Bench, names: Iterable[str]) -> None:
     os.sync()
 
 
-TRASH_FLOOR = 12 * 2**30  # empty the trash when less than this is free
-
-
 def empty_trash(b: Bench) -> None:
     """Delete what clean_nodes moved aside, then let the deletes age (see clean_nodes)."""
-    folders = [b.node_home(i) / TRASH for i in b.ports if (b.node_home(i) / TRASH).exists()]
+    folders = [f for f in (b.node_home(i) / TRASH for i in b.ports) if f.exists()]
     if not folders:
         return
     say(f"  (emptying the nodes' trash, then waiting {SETTLE} s for the file system)")

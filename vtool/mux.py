@@ -73,6 +73,13 @@ def _recv(sock: socket.socket) -> tuple[int, bytes]:
     return struct.unpack(">I", body[:4])[0], body[4:]
 
 
+def _hello(sock: socket.socket) -> bool:
+    """Exchange HELLOs on a connected socket: whether the master speaks our version."""
+    _send(sock, struct.pack(">II", HELLO, VERSION))
+    kind, body = _recv(sock)
+    return kind == HELLO and body[:4] == struct.pack(">I", VERSION)
+
+
 def _reason(body: bytes) -> str:
     """The text of a PERMISSION_DENIED or FAILURE reply (after its request id)."""
     try:
@@ -114,10 +121,8 @@ class MuxProcess:
             sock.settimeout(5)  # a master that accepts but does not say hello is not usable
             try:
                 sock.connect(self.control_path)
-                _send(sock, struct.pack(">II", HELLO, VERSION))
-                kind, body = _recv(sock)
-                if kind != HELLO or body[:4] != struct.pack(">I", VERSION):
-                    raise Unavailable(f"the master speaks another protocol ({kind:#x})")
+                if not _hello(sock):
+                    raise Unavailable("the master speaks another protocol")
             except (OSError, EOFError) as e:
                 raise Unavailable(f"no usable master at {self.control_path}: {e}") from None
             fds = [self._end(stdin, True, theirs, mine), self._end(stdout, False, theirs, mine)]
@@ -207,9 +212,6 @@ class MuxProcess:
             self.returncode = code if code is not None else -9 if self._killed else LOST
             return self.returncode
 
-    def poll(self) -> int | None:
-        return self.returncode
-
     def kill(self) -> None:
         """Stop: end our side of the socket, so the master ends the session (the remote
         command sees end-of-file on its stdin, as when ``ssh`` is killed) and closes it; what
@@ -235,8 +237,6 @@ class MuxProcess:
         except OSError:
             pass
 
-    terminate = kill
-
 
 def alive(control_path: str) -> bool:
     """Whether a master answers at ``control_path`` (the HELLO exchange)."""
@@ -244,7 +244,6 @@ def alive(control_path: str) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(2)
             sock.connect(control_path)
-            _send(sock, struct.pack(">II", HELLO, VERSION))
-            return _recv(sock)[0] == HELLO
+            return _hello(sock)
     except (OSError, EOFError):
         return False

@@ -429,8 +429,8 @@ def supervised(command: str) -> str:
     The command always runs in a fresh ``$SHELL -c`` (its own ``$$`` and ``$0``, nothing of
     this script's state). Under bash, ``set -m`` gives that shell a process group without a
     terminal, which saves starting ``setsid`` on every node (measured: ``hostname`` on 32 warm
-    nodes, 0.109 s instead of 0.136 s; 0.079 s without any wrapper); other shells (dash has no job control without a terminal) use
-    ``setsid``. ``kill -TERM -PID``, not ``kill -- -PID``: dash's kill takes no ``--``; if the
+    nodes, 0.109 s instead of 0.136 s; 0.079 s without any wrapper); other shells (dash has
+    no job control without a terminal) use ``setsid``. ``kill -TERM -PID``, not ``kill -- -PID``: dash's kill takes no ``--``; if the
     group is not there, the process itself is signalled."""
     shell = '"${SHELL:-/bin/sh}" -c ' + q(command)
     return "\n".join(

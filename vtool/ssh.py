@@ -149,7 +149,9 @@ class SshClient:
         self.control_path = str(control_dir / control_name) if control_dir is not None else None
         # Commands go straight to an open master (vtool.mux), not through an ssh process,
         # unless ssh is some other program (then it is always run) or the path has %-tokens.
-        self.direct = os.path.basename(program) == "ssh" and self.control_path is not None and "%" not in self.control_path
+        self.direct = (
+            os.path.basename(program) == "ssh" and self.control_path is not None and "%" not in self.control_path
+        )
         self.connect_timeout = connect_timeout
         self.retries = retries
         self.options = ssh_options(
@@ -330,13 +332,12 @@ class SshClient:
         proc, log = self._start(command, stdin, timeout)
         try:
             result = self._wait(proc, input, pass_file, timeout, on_line)
-            return result, (_read_log(log) if log else _LOST if getattr(proc, "lost", False) else "")
         finally:
             if hold_stdin and proc.stdin is not None:
                 proc.stdin.close()
             _untrack(proc)
-            if log:
-                Path(log).unlink(missing_ok=True)
+            messages = _messages(proc, log)
+        return result, messages
 
     def _start(self, command: str, stdin: Any, timeout: float | None = None) -> tuple[Process, str | None]:
         """Start ``command`` with its stdout and stderr as pipes: in a session of this node's
@@ -344,7 +345,8 @@ class SshClient:
         ``ssh``. Returns the process and the file ssh writes its own messages to (None for
         a session: its failures are the process's ``lost``). ``timeout``: the command's, which
         also bounds the wait for a session to open."""
-        if self.control_path is not None and self.direct:
+        if self.direct:
+            assert self.control_path is not None
             early.wait(self.control_path, self.connect_timeout + 5)  # (vtool.early)
             session = _track(mux.MuxProcess(self.control_path))  # Ctrl-C stops it while it opens
             try:
@@ -473,11 +475,7 @@ class SshClient:
             _untrack(proc)
             if stream.widened:
                 _unwiden()
-            if stream.log:
-                log = _read_log(stream.log)
-                Path(stream.log).unlink(missing_ok=True)
-            else:
-                log = _LOST if getattr(proc, "lost", False) else ""
+            log = _messages(proc, stream.log)
         err = b"".join(stream.err).decode(errors="replace")
         if rc == 255 and log.strip():
             _raise_for_ssh_error(log, self.target)
@@ -551,6 +549,16 @@ def _read_log(path: str) -> str:
 
 # A session of an open master that ended without the command's exit status (vtool.mux).
 _LOST = "the shared connection to the node closed before the command finished"
+
+
+def _messages(proc: Process, log: str | None) -> str:
+    """What went wrong on the SSH side of a finished command: ssh's own messages (its log
+    file, which is removed), or for a session of an open master, whether the master was lost."""
+    if log is None:
+        return _LOST if getattr(proc, "lost", False) else ""
+    text = _read_log(log)
+    Path(log).unlink(missing_ok=True)
+    return text
 
 # What ssh adds when its ProxyCommand (vtool-connect) could not connect; the helper's own
 # line before it says why.
