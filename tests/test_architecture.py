@@ -101,3 +101,33 @@ def test_help_and_list_load_nothing_heavy() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert r.stdout.strip().splitlines()[-1] == "HEAVY=", f"heavy modules loaded by --list: {r.stdout}"
     assert "launch" in r.stdout
+
+
+def test_start_up_puts_off_invokes_mock_and_yaml_and_both_still_work() -> None:
+    """vtool's console entry does not import unittest.mock (asyncio, ssl) or any YAML for a
+    command that reads no YAML file; Invoke's MockContext and its YAML config still work after
+    it, with the real modules."""
+    code = (
+        "import sys, os, tempfile\n"
+        "sys.argv = ['vtool', '--list']\n"
+        "from vtool.main import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "loaded = [m for m in ('unittest.mock', 'asyncio', 'ssl', 'yaml', 'invoke.vendor.yaml') if m in sys.modules]\n"
+        "print('LOADED=' + ','.join(loaded))\n"
+        "from invoke import Config, MockContext, Result\n"
+        "c = MockContext(run={'true': Result('yes')})\n"
+        "assert c.run('true').stdout == 'yes'\n"
+        "c.run.assert_called_once_with('true')\n"
+        "import unittest.mock\n"
+        "assert isinstance(c.run, unittest.mock.Mock) and callable(unittest.mock.patch)\n"
+        "f = os.path.join(tempfile.mkdtemp(), 'x.yaml')\n"
+        "open(f, 'w').write('a: {b: 7}\\n')\n"
+        "cfg = Config(runtime_path=f)\n"
+        "cfg.load_runtime()\n"
+        "import invoke.vendor.yaml as y\n"
+        "print('B=%s REAL=%s' % (cfg.a.b, hasattr(y, 'safe_load')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    lines = r.stdout.strip().splitlines()
+    assert "LOADED=" in lines, r.stdout  # none of them
+    assert lines[-1] == "B=7 REAL=True", r.stdout

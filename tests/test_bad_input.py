@@ -68,6 +68,13 @@ def test_bad_config_file(venv: Env, yaml_text: str, says: str) -> None:
     assert not (venv.vhome / "clusters").exists()
 
 
+def test_config_file_not_utf8(venv: Env) -> None:
+    (venv.work / "vtool.yaml").write_bytes(b"cluster: caf\xe9\n")  # Latin-1, as an old editor saves it
+    line = refused(venv, "launch", "2", code=2, says="not valid YAML (not UTF-8 text)")
+    assert "vtool.yaml" in line
+    assert not (venv.vhome / "clusters").exists()
+
+
 def test_bad_environment_and_flags(venv: Env) -> None:
     refused(venv, "launch", "1", code=2, says="VTOOL_CONCURRENCY must be a whole number", extra_env={"VTOOL_CONCURRENCY": "lots"})
     refused(venv, "launch", "1", code=2, says="VTOOL_DEBUG must be true or false", extra_env={"VTOOL_DEBUG": "maybe"})

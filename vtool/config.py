@@ -20,7 +20,6 @@ from types import MappingProxyType
 from typing import Any
 
 import invoke
-import yaml
 from invoke.env import Environment
 
 from .errors import ConfigError
@@ -180,18 +179,26 @@ class VtoolConfig(invoke.Config):
         return _merge(invoke.Config.global_defaults(), VTOOL_DEFAULTS)
 
     def _load_yaml(self, path: Any) -> Any:
+        # Invoke calls this for every place a file may be (a missing one raises ENOENT); PyYAML
+        # is imported only once a file is there (~3 ms of start-up for most commands).
         try:
-            with open(path) as fd:
-                return yaml.safe_load(fd)
+            with open(path, encoding="utf-8") as fd:
+                text = fd.read()
+        except OSError as e:
+            if e.errno == 2:
+                raise
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid YAML (not UTF-8 text)") from None
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" line {mark.line + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"{path}:{at}: not valid YAML ({problem})") from None
-        except OSError as e:
-            if e.errno == 2:
-                raise
-            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
 
     _load_yml = _load_yaml
 
