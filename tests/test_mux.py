@@ -103,36 +103,79 @@ def test_a_timeout_stops_the_command_on_the_node(cluster3: Env) -> None:
     wait_for(lambda: not pids_whose_cmdline_has("sleep 1201"), timeout=15)
 
 
+def _session_members(sid: int) -> list[int]:
+    """The live processes in session ``sid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # (field 6: the session)
+                out.append(int(entry))
+    return out
+
+
 @pytest.mark.parametrize("shell", ["bash", "dash"])
 def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp_path: Path) -> None:
-    """Without the ssh layer: the wrapper under each login shell. dash has no job control
-    without a terminal (the setsid path) and its kill takes no ``--``."""
+    """Without the ssh layer: the wrapper under each login shell, in a session of its own as
+    sshd starts it. dash's kill takes no ``--``."""
     path = f"/bin/{shell}"
     if not os.path.exists(path):
         pytest.skip(f"{shell} is not installed")
-    script = remote.supervised("sleep 1301 & sleep 1302; echo never")
-    p = subprocess.Popen([path, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env={**os.environ, "SHELL": path, "HOME": str(tmp_path)})
+    env = {**os.environ, "SHELL": path, "HOME": str(tmp_path)}
+
+    def start(command: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [path, "-c", remote.supervised(command)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # as sshd does for every session
+        )
+
+    p = start("sleep 1301 & sleep 1302; echo never")
     wait_for(lambda: pids_whose_cmdline_has("sleep 1301") and pids_whose_cmdline_has("sleep 1302"))
     assert p.stdin is not None
     p.stdin.close()  # vtool's end goes away
-    assert p.wait(timeout=20) == 128 + signal.SIGTERM
+    assert p.wait(timeout=20) == -signal.SIGTERM
     assert p.stdout is not None and b"never" not in p.stdout.read()
     wait_for(lambda: not pids_whose_cmdline_has("sleep 1301") and not pids_whose_cmdline_has("sleep 1302"))
-    # The command has a shell of its own: its $$ is not the wrapper's.
-    p = subprocess.Popen([path, "-c", remote.supervised("kill -TERM $$; echo after")], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, env={**os.environ, "SHELL": path, "HOME": str(tmp_path)})
-    assert p.wait(timeout=20) == 128 + signal.SIGTERM
+    # $$ is the command's own shell, as under plain ssh.
+    p = start("kill -TERM $$; echo after")
+    assert p.wait(timeout=20) == -signal.SIGTERM
     assert p.stdout is not None and p.stdin is not None and p.stdout.read() == b""
     p.stdin.close()
-    # The command's own exit code and output otherwise (vtool's end stays open meanwhile).
-    p = subprocess.Popen([path, "-c", remote.supervised("echo out; echo err >&2; exit 7")], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={**os.environ, "SHELL": path, "HOME": str(tmp_path)})
+    # The command's own exit code and output otherwise (vtool's end stays open meanwhile);
+    # stdin is empty.
+    p = start("cat; echo out; echo err >&2; exit 7")
     assert p.wait(timeout=20) == 7
     assert p.stdout is not None and p.stderr is not None and p.stdin is not None
     assert (p.stdout.read(), p.stderr.read()) == (b"out\n", b"err\n")
     p.stdin.close()
+    # A bare `wait` in the command does not wait for the watcher (which lives until vtool's
+    # end closes): it returns once the command's own jobs are done.
+    p = start("sleep 0.1 & wait; echo waited")
+    assert p.wait(timeout=20) == 0
+    assert p.stdout is not None and p.stdout.read() == b"waited\n"
+    assert p.stdin is not None
+    p.stdin.close()
+    # What a finished command left running in the background stays when vtool's end closes
+    # (as under plain ssh); the watcher itself leaves.
+    p = start("sleep 1303 >/dev/null 2>&1 </dev/null &")
+    assert p.wait(timeout=20) == 0
+    assert p.stdin is not None
+    p.stdin.close()
+    wait_for(lambda: len(_session_members(p.pid)) == 1)  # the watcher is gone ...
+    (left,) = _session_members(p.pid)
+    try:
+        with open(f"/proc/{left}/cmdline", "rb") as f:
+            assert f.read() == b"sleep\x001303\x00"  # ... the job is not
+    finally:
+        os.kill(left, signal.SIGKILL)
 
 
 def _fake_master(path: str, behaviour: str) -> None:

@@ -421,38 +421,31 @@ def start(release: Release, launch_command: str, use_screen: bool) -> str:
 
 
 def supervised(command: str) -> str:
-    """Run ``command`` in the login shell with the node's VTOOL_* variables set (as the launch
-    script has them), in a process group of its own that is stopped when vtool's end of the
-    connection goes away (a timeout, Ctrl-C, a lost client): the client keeps the session's
-    stdin open, and its end-of-file is the signal. Its exit code is the command's.
+    """Run ``command`` as ``ssh node COMMAND`` would (evaluated by the session's login shell),
+    with the node's VTOOL_* variables set (as the launch script has them) and stdin empty,
+    and stop it when vtool's end of the connection goes away (a timeout, Ctrl-C, a lost
+    client): the client keeps the session's stdin open, and its end-of-file is the signal.
+    Its exit code is the command's.
 
-    The command always runs in a fresh ``$SHELL -c`` (its own ``$$`` and ``$0``, nothing of
-    this script's state). Under bash, ``set -m`` gives that shell a process group without a
-    terminal, which saves starting ``setsid`` on every node (measured: ``hostname`` on 32 warm
-    nodes, 0.109 s instead of 0.136 s; 0.079 s without any wrapper); other shells (dash has
-    no job control without a terminal) use ``setsid``. ``kill -TERM -PID``, not ``kill -- -PID``: dash's kill takes no ``--``; if the
-    group is not there, the process itself is signalled."""
-    shell = '"${SHELL:-/bin/sh}" -c ' + q(command)
+    sshd starts every session in a session (and process group) of its own, so the shell's
+    ``$$`` is the group of everything the command starts. A watcher, started twice removed
+    so that it is no job of the command's shell (a bare ``wait`` in the command does not wait
+    for it), reads the client's end until end-of-file, and then signals that group if the
+    shell still runs (``kill -0``: once the command has finished, what it left running in the
+    background is left alone). ``kill -TERM -PID``, not ``kill -- -PID``: dash's kill takes
+    no ``--``; without such a group, the shell itself is signalled.
+
+    Measured against running the command in a fresh ``$SHELL -c`` of its own process group
+    (the wrapper before): ``hostname`` on 32 warm nodes 0.113 s instead of 0.131 s, and 0.096 s
+    without any wrapper (11 runs each, median)."""
     return "\n".join(
         [
             'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi',
             "exec 3<&0",
-            'if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null; then',
-            f"  (exec {shell}) </dev/null 3<&- &",
-            "  vtool_pid=$!",
-            "  set +m",
-            "else",
-            f"  setsid {shell} </dev/null 3<&- &",
-            "  vtool_pid=$!",
-            "fi",
-            '(while read -r _; do :; done; kill -TERM -"$vtool_pid" 2>/dev/null || kill -TERM "$vtool_pid") '
-            "<&3 >/dev/null 2>&1 &",
-            "vtool_watch=$!",
-            "exec 3<&-",
-            'wait "$vtool_pid"',
-            "vtool_rc=$?",
-            'kill "$vtool_watch" 2>/dev/null',
-            "exit $vtool_rc",
+            "( (while read -r _; do :; done; kill -0 $$ 2>/dev/null && { kill -TERM -$$ 2>/dev/null || kill -TERM $$; }) "
+            "<&3 >/dev/null 2>&1 & )",
+            "exec </dev/null 3<&-",
+            "eval " + q(command),
         ]
     )
 
