@@ -1642,10 +1642,9 @@ which are not timed (reading `/proc` costs CPU on the same cores). **largest pro
 the peak RSS (`VmHWM`) of its largest process in that run. (`ru_maxrss` from `wait4` is not
 used: a child of the Python bench process reports the bench's own pages from before exec.)
 
-Every workload starts with one untimed warm-up run of every tool. Python's bytecode cache is
-on for every Python tool (`PYTHONPYCACHEPREFIX` in the bench's temp folder), as it is for an
-installed vtool; an editable install run with `PYTHONDONTWRITEBYTECODE` would compile vtool
-at every start.
+Every workload starts with one untimed warm-up run of every tool. vtool is installed in the
+bench's venv as users install it (`pip install .`, not editable), and Python's bytecode
+cache is on for every Python tool (`PYTHONPYCACHEPREFIX` in the bench's temp folder).
 
 All nodes are sshd processes on the same machine as the client, so server-side work (key
 exchange, sessions, file reads) competes with the client for the same CPUs.
@@ -1844,9 +1843,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="vtool-bench-", dir="/tmp"))  # short: socket paths
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VTOOL_", "ANSIBLE_", "PYTHONDONTWRITEBYTECODE"))}
-    # Bytecode is cached (in the temp folder, not the work tree) for every Python tool alike:
-    # an editable vtool has no .pyc of its own, and compiling it at each start is not what an
-    # installed vtool does. Each workload starts with an untimed warm-up run of every tool.
+    # Bytecode is cached (in the temp folder) for every Python tool alike, whatever the
+    # user's PYTHONDONTWRITEBYTECODE. Each workload starts with an untimed warm-up run of every tool.
     env.update(
         VTOOL_HOME=str(tmp / "home"),
         PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
