@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import Env, wait_for
@@ -138,3 +139,83 @@ def test_connections_open_through_vtool_connect_and_failures_read_as_before(venv
     assert "1 ok, 0 failed" in r.stderr
     [new] = set(_records(venv)) - recorded
     assert "ProxyCommand" not in new.read_text() and "ProxyCommand" in sorted(recorded)[0].read_text()
+
+
+_SHARE_PROBE = """
+import json, os, socket
+from vtool import early
+
+def sockets():
+    found = []
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{f}").startswith("socket:"):
+                found.append(f)
+        except OSError:  # listdir's own descriptor, gone by now
+            pass
+    return sorted(found)
+
+before = sockets()
+n = early.start(["run", "true"])
+opened = list(early._opened)
+for s in opened:
+    early.wait(s, 30)
+listener = early._share_path
+with early._share_lock:
+    early._receive_copies()
+peers = sorted(socket.socket(fileno=os.dup(fd)).getpeername()[1] for fd in early._shared.values())
+out = {"started": n, "named": sorted(early._shared) == sorted(opened), "peers": peers,
+       "listening": os.path.exists(listener)}
+for s in opened:
+    early.quickack(s)
+    early.quickack(s)  # a second session: nothing left to do
+out.update(left=len(early._shared), leaked=sorted(set(sockets()) - set(before)))
+early.abandon()
+print(json.dumps(out))
+"""
+
+
+def test_early_connections_give_vtool_a_copy_for_its_first_command(venv: Env) -> None:
+    """vtool-connect hands this process a copy of each connection opened early (by a socket
+    in the private control folder), named by its control socket; quickack uses each once (the
+    latency it saves is measured, not tested: see vtool.early)."""
+    import json
+
+    venv.ok("launch", "3")
+    venv.ok("run", "true")
+    _close_connections(venv)
+    r = venv.run_cmd([sys.executable, "-c", _SHARE_PROBE])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    ports = sorted(int(venv.node_meta(i)["port"]) for i in range(3))  # type: ignore[call-overload]
+    assert out == {"started": 3, "named": True, "peers": ports, "listening": False, "left": 0, "leaked": []}
+    assert not list(control_dir_path(venv.vhome).glob(".share-*"))
+
+
+def test_a_share_nobody_takes_changes_nothing(venv: Env) -> None:
+    """The copy is best effort: with nothing, a plain file, or a listener that never accepts
+    at VTOOL_CONNECT_SHARE, each connection still opens (as vtool.early opens it), and the
+    command then runs on it."""
+    import json
+
+    venv.ok("launch", "3")
+    venv.ok("run", "true")
+    _close_connections(venv)
+    [record] = _records(venv)
+    nodes = json.loads(record.read_text())["nodes"]
+    (venv.root / "plain").write_text("")
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deaf.bind(str(venv.root / "deaf"))
+    deaf.listen(1)
+    try:
+        for i, target in enumerate(("nothing-here", "plain", "deaf")):
+            env = dict(venv.env, SHELL="/bin/sh", VTOOL_CONNECT_SHARE=str(venv.root / target), VTOOL_CONNECT_AS="x")
+            r = subprocess.run(nodes[str(i)]["argv"], env=env, capture_output=True, text=True, timeout=60, check=False)
+            assert r.returncode == 0, (target, r.stderr)
+            assert Path(nodes[str(i)]["socket"]).is_socket()
+        before = [_accepted(venv, i) for i in range(3)]
+        r = venv.ok("run", "echo ok-$VTOOL_NODE_INDEX")
+        assert "3 ok, 0 failed" in r.stderr, r.stderr
+        assert [_accepted(venv, i) for i in range(3)] == before  # the connections opened above
+    finally:
+        deaf.close()

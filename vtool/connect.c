@@ -3,7 +3,11 @@
  * ProxyUseFdpass. OpenSSH leaves Nagle on for commands without a terminal, and each of its
  * small handshake messages that follows another then waits for the peer's delayed ACK
  * (40 ms on Linux): this saves two such waits per new connection. Errors are written as ssh
- * writes its own ("ssh: connect to host H port P: REASON"), to LOG when given (ssh -E). */
+ * writes its own ("ssh: connect to host H port P: REASON"), to LOG when given (ssh -E).
+ *
+ * With VTOOL_CONNECT_SHARE (a listening socket's path) and VTOOL_CONNECT_AS (a name) in its
+ * environment, it also gives a copy of the connected socket, with that name, to the vtool
+ * process listening there (vtool.early.quickack), best effort. */
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -15,12 +19,39 @@
 #include <sys/socket.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <sys/un.h>
 
 static int fail(const char *host, const char *port, const char *why, const char *log) {
     FILE *f = log && *log ? fopen(log, "a") : NULL;
     fprintf(f ? f : stderr, "ssh: connect to host %s port %s: %s\n", host, port, why);
     if (f) fclose(f);
     return 255;
+}
+
+static int pass_fd(int channel, int fd, const void *data, size_t len) {
+    struct iovec iov = {(void *)data, len};
+    char buf[CMSG_SPACE(sizeof(int))];
+    memset(buf, 0, sizeof buf);
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov; msg.msg_iovlen = 1;
+    msg.msg_control = buf; msg.msg_controllen = sizeof buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET; c->cmsg_type = SCM_RIGHTS; c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    return sendmsg(channel, &msg, MSG_NOSIGNAL) < 0 ? -1 : 0;
+}
+
+/* The copy for vtool (see the top): never waits (a full backlog drops it) and never fails. */
+static void share(int s) {
+    const char *path = getenv("VTOOL_CONNECT_SHARE"), *name = getenv("VTOOL_CONNECT_AS");
+    struct sockaddr_un a = {0};
+    if (!path || !name || !*name || strlen(path) >= sizeof a.sun_path) return;
+    int u = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (u < 0) return;
+    a.sun_family = AF_UNIX;
+    strcpy(a.sun_path, path);
+    if (connect(u, (struct sockaddr *)&a, sizeof a) == 0) (void)pass_fd(u, s, name, strlen(name));
+    close(u);
 }
 
 int main(int argc, char **argv) {
@@ -48,17 +79,9 @@ int main(int argc, char **argv) {
         fcntl(s, F_SETFL, fl);
         int one = 1;
         setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        share(s);
         char byte = 0;
-        struct iovec iov = {&byte, 1};
-        char buf[CMSG_SPACE(sizeof(int))];
-        memset(buf, 0, sizeof buf);
-        struct msghdr msg = {0};
-        msg.msg_iov = &iov; msg.msg_iovlen = 1;
-        msg.msg_control = buf; msg.msg_controllen = sizeof buf;
-        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET; c->cmsg_type = SCM_RIGHTS; c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &s, sizeof(int));
-        if (sendmsg(1, &msg, 0) < 0) return fail(host, port, strerror(errno), log);
+        if (pass_fd(1, s, &byte, 1) < 0) return fail(host, port, strerror(errno), log);
         return 0;
     }
     freeaddrinfo(res);

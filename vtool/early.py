@@ -17,6 +17,14 @@ and it does nothing: the command then connects as it always does. The connection
 are the ones the command would open, and they only log in (no command runs, nothing changes
 on a node); when the command then refuses its input anyway (a check only vtool itself
 makes), ``abandon`` closes them again.
+
+A connection that has just logged in is slow to run its first command: the client's kernel,
+which has just seen questions and answers, holds back its acknowledgements (up to 40 ms),
+and sshd, which sends a command's replies in several small packets, waits for one before
+sending the next. So vtool-connect gives this process a copy of each connection it opens
+(``VTOOL_CONNECT_SHARE``), and ``quickack`` asks the kernel for prompt acknowledgements on it
+right before the command's first session there. Measured on one node: the first command
+11 ms after the connection is up instead of 53 ms (a later one: 9 ms).
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ _OTHER_VALUE_FLAGS = ("-l", "--lines")  # (logs) flags whose value is not a posi
 _NOT_CONTEXT = frozenset({"VTOOL_DEBUG", "VTOOL_EARLY"})  # variables that change neither cluster nor SSH
 
 _started: dict[str, Any] = {}  # control socket path -> the ssh process opening it
+_share: Any = None  # the socket vtool-connect gives its connections' copies to (see the module)
+_share_path = ""
+_shared: dict[str, int] = {}  # control socket path -> a copy of its TCP connection (quickack)
+_share_lock: Any = None
+_used = 0  # copies quickack has used
 _opened: list[str] = []  # every socket start opened (for abandon)
 _contacted = False  # the command got past its checks and contacted the nodes (remember ran)
 _key_now: str | None = None  # this command's context (set by start), for remember
@@ -185,24 +198,143 @@ def _start(args: list[str]) -> int:
     import subprocess
 
     started = 0
-    env = {**os.environ, "SHELL": "/bin/sh"}  # ssh runs a ProxyCommand with $SHELL: a fast one
+    # ssh runs a ProxyCommand with $SHELL: a fast one; VTOOL_CONNECT_* only as set below.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VTOOL_CONNECT_")}
+    env["SHELL"] = "/bin/sh"
     for i in wanted[: min(int(record["concurrency"]), EARLY_MAX)]:
         sock, argv = nodes[i]["socket"], nodes[i]["argv"]
         if os.path.exists(sock) or sock in _started:
             continue
+        node_env = env
+        if any(a.startswith("ProxyCommand=") and "/vtool-connect-" in a for a in argv) and _listen(sock):
+            node_env = {**env, "VTOOL_CONNECT_SHARE": _share_path, "VTOOL_CONNECT_AS": sock}
         _started[sock] = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            env=env,
+            env=node_env,
         )
         _opened.append(sock)
         started += 1
     if started:
         atexit.register(_stop_unfinished)
     return started
+
+
+def _listen(control_socket: str) -> bool:
+    """Listen (once) for the copies vtool-connect gives (see the module), next to the control
+    sockets, in a folder only this user can use (no one else may hand vtool a socket, or take
+    one)."""
+    global _share, _share_path, _share_lock
+    if _share is not None:
+        return True
+    import socket
+    import threading
+
+    folder = os.path.dirname(control_socket)
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    if not os.path.isdir(folder) or os.path.islink(folder) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return False
+    path = os.path.join(folder, f".share-{os.getpid()}")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            os.unlink(path)  # a crashed vtool's, whose process number this one has now
+        except FileNotFoundError:
+            pass
+        listener.bind(path)
+        listener.listen(EARLY_MAX)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        return False
+    _share, _share_path, _share_lock = listener, path, threading.Lock()
+    atexit.register(_stop_sharing)
+    return True
+
+
+def _receive_copies() -> None:
+    """Take the copies vtool-connect has given so far (with _share_lock held)."""
+    import socket
+
+    while _share is not None:
+        try:
+            conn, _ = _share.accept()
+        except OSError:  # none waiting (or anything else: they are only an optimisation)
+            break
+        with conn:
+            try:
+                conn.settimeout(0.5)  # vtool-connect sends right after connecting
+                name, fds, flags, _ = socket.recv_fds(conn, 4096, 1)
+            except OSError:
+                continue
+            for fd in fds[1:]:
+                os.close(fd)
+            if not fds:
+                continue
+            os.set_inheritable(fds[0], False)
+            key = name.decode(errors="replace")
+            if key not in _opened or flags & socket.MSG_CTRUNC or key in _shared:
+                os.close(fds[0])
+                continue
+            _shared[key] = fds[0]
+    if len(_shared) + _used >= len(_opened):
+        _close_listener()  # every connection has given its copy
+
+
+def quickack(control_socket: str) -> None:
+    """Before the first session on the connection ``start`` opened for ``control_socket``:
+    ask for prompt acknowledgements on it (TCP_QUICKACK on the copy; see the module). Never
+    raises; does nothing for a connection it has no copy of."""
+    global _used
+    if _share_lock is None:
+        return
+    try:
+        with _share_lock:
+            _receive_copies()
+            fd = _shared.pop(control_socket, None)
+            if fd is None:
+                return
+            _used += 1
+        import socket
+
+        try:
+            copy = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return
+        with copy:
+            if hasattr(socket, "TCP_QUICKACK"):  # (Linux)
+                copy.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except Exception:
+        pass
+
+
+def _close_listener() -> None:
+    global _share
+    if _share is not None:
+        _share.close()
+        _share = None
+        try:
+            os.unlink(_share_path)
+        except OSError:
+            pass
+
+
+def _stop_sharing() -> None:
+    """At exit, or when ``abandon``ing: no more copies, and the ones held are closed."""
+    try:
+        _close_listener()
+        for fd in _shared.values():
+            os.close(fd)
+        _shared.clear()
+    except Exception:
+        pass
 
 
 def wait(socket: str, timeout: float) -> None:
@@ -222,6 +354,7 @@ def abandon() -> None:
     close what it opened (never raises)."""
     try:
         _stop_unfinished()
+        _stop_sharing()
         if not _opened:
             return
         import subprocess
