@@ -110,7 +110,13 @@ def test_start_up_puts_off_invokes_mock_and_yaml_and_both_still_work() -> None:
     code = (
         "import sys, os, tempfile\n"
         "sys.argv = ['vtool', '--list']\n"
+        "import vtool.main\n"
         "from vtool.main import main\n"
+        "make = vtool.main.make_program\n"
+        "def checked():  # plugins load in make_program: no stand-in may be left by then\n"
+        "    assert 'unittest.mock' not in sys.modules and 'invoke.vendor.yaml' not in sys.modules\n"
+        "    return make()\n"
+        "vtool.main.make_program = checked\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "loaded = [m for m in ('unittest.mock', 'asyncio', 'ssl', 'yaml', 'invoke.vendor.yaml') if m in sys.modules]\n"
         "print('LOADED=' + ','.join(loaded))\n"

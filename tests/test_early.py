@@ -206,7 +206,17 @@ def test_a_share_nobody_takes_changes_nothing(venv: Env) -> None:
     (venv.root / "plain").write_text("")
     deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     deaf.bind(str(venv.root / "deaf"))
-    deaf.listen(1)
+    deaf.listen(0)
+    queued = []
+    for _ in range(4):  # its queue full: vtool-connect's (non-blocking) connect is refused
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(str(venv.root / "deaf"))
+        except BlockingIOError:
+            c.close()
+            break
+        queued.append(c)
     try:
         for i, target in enumerate(("nothing-here", "plain", "deaf")):
             env = dict(venv.env, SHELL="/bin/sh", VTOOL_CONNECT_SHARE=str(venv.root / target), VTOOL_CONNECT_AS="x")
@@ -218,4 +228,46 @@ def test_a_share_nobody_takes_changes_nothing(venv: Env) -> None:
         assert "3 ok, 0 failed" in r.stderr, r.stderr
         assert [_accepted(venv, i) for i in range(3)] == before  # the connections opened above
     finally:
+        for c in queued:
+            c.close()
         deaf.close()
+
+
+def test_vtool_connect_reports_a_failed_hand_over_as_ssh_would(tmp_path: Path) -> None:
+    """When ssh cannot take the socket (vtool-connect's stdout is no socket), the helper
+    fails with ssh's own wording, in the log ssh reads, and gives no copy to anyone."""
+    from vtool.ssh import connect_helper
+
+    helper = connect_helper(tmp_path / "bin")
+    if helper is None:
+        import pytest
+
+        pytest.skip("no C compiler: vtool-connect cannot be built here")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    share = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    share.bind(str(tmp_path / "share"))
+    share.listen(1)
+    share.setblocking(False)
+    port = server.getsockname()[1]
+    log = tmp_path / "ssh.log"
+    try:
+        with open(tmp_path / "out", "wb") as out:
+            r = subprocess.run(
+                [helper, "127.0.0.1", str(port), "5", str(log)],
+                stdout=out,
+                env={"VTOOL_CONNECT_SHARE": str(tmp_path / "share"), "VTOOL_CONNECT_AS": "x"},
+                timeout=30,
+                check=False,
+            )
+        assert r.returncode == 255
+        assert log.read_text() == f"ssh: connect to host 127.0.0.1 port {port}: Socket operation on non-socket\n"
+        try:
+            share.accept()
+            raise AssertionError("a copy was given for a connection ssh never got")
+        except BlockingIOError:
+            pass
+    finally:
+        server.close()
+        share.close()

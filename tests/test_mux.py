@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Env, pids_whose_cmdline_has, wait_for
@@ -151,10 +152,10 @@ def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp
     p.stdin.close()
     # The command's own exit code and output otherwise (vtool's end stays open meanwhile);
     # stdin is empty.
-    p = start("cat; echo out; echo err >&2; exit 7")
+    p = start('cat; echo out; echo "err ${vtool_c-}" >&2; exit 7')
     assert p.wait(timeout=20) == 7
     assert p.stdout is not None and p.stderr is not None and p.stdin is not None
-    assert (p.stdout.read(), p.stderr.read()) == (b"out\n", b"err\n")
+    assert (p.stdout.read(), p.stderr.read()) == (b"out\n", b"err \n")  # (the wrapper's vtool_c is gone)
     p.stdin.close()
     # A bare `wait` in the command does not wait for the watcher (which lives until vtool's
     # end closes): it returns once the command's own jobs are done.
@@ -178,9 +179,41 @@ def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp
         os.kill(left, signal.SIGKILL)
 
 
-def _fake_master(path: str, behaviour: str) -> None:
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_supervised_without_a_process_group_of_its_own(shell: str, tmp_path: Path) -> None:
+    """A shell that leads no process group (started as a child, not as sshd starts a session)
+    runs the command in a group made by setsid, and still stops all of it."""
+    path = f"/bin/{shell}"
+    if not os.path.exists(path):
+        pytest.skip(f"{shell} is not installed")
+    env = {**os.environ, "SHELL": path, "HOME": str(tmp_path)}
+    p = subprocess.Popen(
+        [path, "-c", remote.supervised("sleep 1311 & sleep 1312; echo never")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert os.getpgid(p.pid) != p.pid
+    wait_for(lambda: pids_whose_cmdline_has("sleep 1311") and pids_whose_cmdline_has("sleep 1312"))
+    assert p.stdin is not None
+    p.stdin.close()
+    assert p.wait(timeout=20) == 128 + signal.SIGTERM
+    assert p.stdout is not None and b"never" not in p.stdout.read()
+    wait_for(lambda: not pids_whose_cmdline_has("sleep 1311") and not pids_whose_cmdline_has("sleep 1312"))
+    p = subprocess.Popen(
+        [path, "-c", remote.supervised("echo out; exit 7")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert p.wait(timeout=20) == 7
+    assert p.stdout is not None and p.stdout.read() == b"out\n"
+    assert p.stdin is not None
+    p.stdin.close()
+
+
+def _fake_master(path: str, behaviour: str, got_request: Any = None) -> None:
     """A master that answers HELLO, takes one request and then: ``close``s, ``refuse``s,
-    stays ``silent``, or (``garbage``) says something other than HELLO first."""
+    stays ``silent``, or (``garbage``) says something other than HELLO first. Sets the
+    ``got_request`` event (if given) once the request and its descriptors are in."""
     import socket
     import struct
     import threading
@@ -211,6 +244,8 @@ def _fake_master(path: str, behaviour: str) -> None:
             for _ in range(3):  # the three descriptors, each with one byte (this test's own fds)
                 for fd in socket.recv_fds(conn, 1, 1)[1]:
                     os.close(fd)
+            if got_request is not None:
+                got_request.set()
             if behaviour == "refuse":
                 reason = b"no sessions today"
                 body = struct.pack(">II", mux.S_FAILURE, 0) + struct.pack(">I", len(reason)) + reason
@@ -245,3 +280,37 @@ def test_a_request_that_went_out_is_never_started_another_way(
     with pytest.raises(getattr(mux, error), match=text):
         p.open("true", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, open_timeout=0.5)
     assert set(os.listdir("/proc/self/fd")) <= before  # no descriptor left open
+
+
+def test_ctrl_c_stops_a_session_that_is_still_opening(tmp_path: Path) -> None:
+    """Ctrl-C (vtool.ssh.kill_running) while the master has the request but has not answered:
+    the session gives up at once (not at its open timeout), as an error, leaving no descriptor."""
+    import threading
+
+    from vtool import mux, ssh
+
+    path = str(tmp_path / "m")
+    got_request = threading.Event()
+    _fake_master(path, "silent", got_request)
+    before = set(os.listdir("/proc/self/fd"))
+    p = ssh._track(mux.MuxProcess(path))
+    raised: list[BaseException] = []
+
+    def opening() -> None:
+        try:
+            p.open("true", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, open_timeout=600)
+        except BaseException as e:  # noqa: B036 (the test looks at what it was)
+            raised.append(e)
+
+    t = threading.Thread(target=opening, daemon=True)
+    t.start()
+    try:
+        assert got_request.wait(30)
+        assert ssh.kill_running() >= 1
+        t.join(60)
+        assert not t.is_alive(), "the session waited for its open timeout"
+        assert len(raised) == 1 and isinstance(raised[0], mux.Uncertain), raised
+    finally:
+        ssh._untrack(p)
+        ssh.stopping.clear()
+    assert set(os.listdir("/proc/self/fd")) <= before

@@ -184,9 +184,9 @@ class VtoolConfig(invoke.Config):
         try:
             with open(path, encoding="utf-8") as fd:
                 text = fd.read()
+        except FileNotFoundError:
+            raise  # (Invoke tries every place a file may be)
         except OSError as e:
-            if e.errno == 2:
-                raise
             raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not valid YAML (not UTF-8 text)") from None

@@ -79,9 +79,9 @@ int main(int argc, char **argv) {
         fcntl(s, F_SETFL, fl);
         int one = 1;
         setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        share(s);
         char byte = 0;
         if (pass_fd(1, s, &byte, 1) < 0) return fail(host, port, strerror(errno), log);
+        share(s);
         return 0;
     }
     freeaddrinfo(res);

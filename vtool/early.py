@@ -54,7 +54,8 @@ _share: Any = None  # the socket vtool-connect gives its connections' copies to 
 _share_path = ""
 _shared: dict[str, int] = {}  # control socket path -> a copy of its TCP connection (quickack)
 _share_lock: Any = None
-_used = 0  # copies quickack has used
+_handled: set[str] = set()  # control sockets whose copy quickack used or dropped (or never got)
+_pending: list[Any] = []  # connections from vtool-connect whose copy has not arrived yet
 _opened: list[str] = []  # every socket start opened (for abandon)
 _contacted = False  # the command got past its checks and contacted the nodes (remember ran)
 _key_now: str | None = None  # this command's context (set by start), for remember
@@ -228,8 +229,9 @@ def _listen(control_socket: str) -> bool:
     sockets, in a folder only this user can use (no one else may hand vtool a socket, or take
     one)."""
     global _share, _share_path, _share_lock
-    if _share is not None:
-        return True
+    if _share_lock is not None or _share_path:
+        return _share is not None  # (tried once: listening, or not possible here)
+    _share_path = "-"
     import socket
     import threading
 
@@ -240,6 +242,17 @@ def _listen(control_socket: str) -> bool:
         return False
     if not os.path.isdir(folder) or os.path.islink(folder) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         return False
+    for entry in os.listdir(folder):  # what a vtool killed before it could clean up left
+        if entry.startswith(".share-") and entry[7:].isdigit():
+            try:
+                os.kill(int(entry[7:]), 0)
+            except ProcessLookupError:
+                try:
+                    os.unlink(os.path.join(folder, entry))
+                except OSError:
+                    pass
+            except OSError:
+                pass
     path = os.path.join(folder, f".share-{os.getpid()}")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -259,7 +272,8 @@ def _listen(control_socket: str) -> bool:
 
 
 def _receive_copies() -> None:
-    """Take the copies vtool-connect has given so far (with _share_lock held)."""
+    """Take the copies vtool-connect has given so far (with _share_lock held). Never waits:
+    a copy whose sender has connected but not yet sent is taken next time."""
     import socket
 
     while _share is not None:
@@ -267,40 +281,61 @@ def _receive_copies() -> None:
             conn, _ = _share.accept()
         except OSError:  # none waiting (or anything else: they are only an optimisation)
             break
-        with conn:
-            try:
-                conn.settimeout(0.5)  # vtool-connect sends right after connecting
-                name, fds, flags, _ = socket.recv_fds(conn, 4096, 1)
-            except OSError:
-                continue
-            for fd in fds[1:]:
-                os.close(fd)
-            if not fds:
-                continue
-            os.set_inheritable(fds[0], False)
-            key = name.decode(errors="replace")
-            if key not in _opened or flags & socket.MSG_CTRUNC or key in _shared:
-                os.close(fds[0])
-                continue
-            _shared[key] = fds[0]
-    if len(_shared) + _used >= len(_opened):
+        conn.setblocking(False)
+        _pending.append(conn)
+    for conn in list(_pending):
+        try:
+            name, fds, flags, _ = socket.recv_fds(conn, 4096, 1)
+        except BlockingIOError:
+            continue
+        except OSError:
+            name, fds, flags = b"", [], 0
+        _pending.remove(conn)
+        conn.close()
+        for fd in fds[1:]:
+            os.close(fd)
+        if not fds:
+            continue
+        os.set_inheritable(fds[0], False)
+        key = name.decode(errors="replace")
+        if key not in _opened or flags & socket.MSG_CTRUNC or key in _shared or key in _handled:
+            os.close(fds[0])
+            continue
+        _shared[key] = fds[0]
+    if len(set(_shared) | _handled) >= len(_opened) and not _pending:
         _close_listener()  # every connection has given its copy
+
+
+def _take_copy(control_socket: str) -> int | None:
+    """The copy of ``control_socket``'s connection, taken out (None: there is none, or it
+    was taken already); a copy that arrives after this is closed at once."""
+    if _share_lock is None:
+        return None
+    with _share_lock:
+        _receive_copies()
+        _handled.add(control_socket)
+        return _shared.pop(control_socket, None)
+
+
+def _drop_copy(control_socket: str) -> None:
+    """The connection for ``control_socket`` did not open: close its copy (else the node would
+    see a connection that never ends until vtool exits)."""
+    try:
+        fd = _take_copy(control_socket)
+        if fd is not None:
+            os.close(fd)
+    except Exception:
+        pass
 
 
 def quickack(control_socket: str) -> None:
     """Before the first session on the connection ``start`` opened for ``control_socket``:
     ask for prompt acknowledgements on it (TCP_QUICKACK on the copy; see the module). Never
     raises; does nothing for a connection it has no copy of."""
-    global _used
-    if _share_lock is None:
-        return
     try:
-        with _share_lock:
-            _receive_copies()
-            fd = _shared.pop(control_socket, None)
-            if fd is None:
-                return
-            _used += 1
+        fd = _take_copy(control_socket)
+        if fd is None:
+            return
         import socket
 
         try:
@@ -330,6 +365,9 @@ def _stop_sharing() -> None:
     """At exit, or when ``abandon``ing: no more copies, and the ones held are closed."""
     try:
         _close_listener()
+        for conn in _pending:
+            conn.close()
+        _pending.clear()
         for fd in _shared.values():
             os.close(fd)
         _shared.clear()
@@ -343,10 +381,13 @@ def wait(socket: str, timeout: float) -> None:
     if proc is None:
         return
     try:
-        proc.wait(timeout=timeout)
+        failed = proc.wait(timeout=timeout) != 0
     except Exception:  # not connected in time: the command connects by itself
         proc.kill()
         proc.wait()
+        failed = True
+    if failed:
+        _drop_copy(socket)
 
 
 def abandon() -> None:

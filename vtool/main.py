@@ -94,9 +94,11 @@ def main() -> None:
         print(f"vtool: opening {opened} connection(s) while starting", file=sys.stderr)
     imported = defer_invoke_extras()
     try:
-        program = make_program()
+        import invoke  # noqa: F401  (with the stand-ins; then no plugin ever sees them)
+    finally:
         imported()
-        program.run()
+    try:
+        make_program().run()
     except BrokenPipeError:  # `vtool --list | head -1`: the reader left; that is not an error
         pass
     except BaseException as e:

@@ -433,19 +433,38 @@ def supervised(command: str) -> str:
     for it), reads the client's end until end-of-file, and then signals that group if the
     shell still runs (``kill -0``: once the command has finished, what it left running in the
     background is left alone). ``kill -TERM -PID``, not ``kill -- -PID``: dash's kill takes
-    no ``--``; without such a group, the shell itself is signalled.
+    no ``--``. The command's text is in ``vtool_c`` only until ``eval`` has read it.
 
-    Measured against running the command in a fresh ``$SHELL -c`` of its own process group
-    (the wrapper before): ``hostname`` on 32 warm nodes 0.113 s instead of 0.131 s, and 0.096 s
+    When the shell leads no group of its own (a ForceCommand wrapper that starts it as a
+    child, say), the command runs as before in a ``$SHELL -c`` of its own, in a group made by
+    ``setsid``, which the watcher signals.
+
+    Measured against running every command in a ``setsid``/``set -m`` group of its own (the
+    wrapper before): ``hostname`` on 32 warm nodes 0.113 s instead of 0.131 s, and 0.096 s
     without any wrapper (11 runs each, median)."""
+    shell = '"${SHELL:-/bin/sh}"'
     return "\n".join(
         [
+            "vtool_c=" + q(command),
             'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi',
             "exec 3<&0",
-            "( (while read -r _; do :; done; kill -0 $$ 2>/dev/null && { kill -TERM -$$ 2>/dev/null || kill -TERM $$; }) "
-            "<&3 >/dev/null 2>&1 & )",
-            "exec </dev/null 3<&-",
-            "eval " + q(command),
+            "if kill -0 -$$ 2>/dev/null; then",
+            "  ( (while read -r _; do :; done; kill -0 $$ 2>/dev/null && kill -TERM -$$) <&3 >/dev/null 2>&1 & )",
+            "  exec </dev/null 3<&-",
+            '  eval "unset vtool_c; $vtool_c"',
+            "  exit",
+            "fi",
+            "if command -v setsid >/dev/null 2>&1; then vtool_s=setsid; else vtool_s=; fi",
+            f'$vtool_s {shell} -c "$vtool_c" </dev/null 3<&- &',
+            "vtool_pid=$!",
+            '(while read -r _; do :; done; kill -TERM -"$vtool_pid" 2>/dev/null || kill -TERM "$vtool_pid") '
+            "<&3 >/dev/null 2>&1 &",
+            "vtool_watch=$!",
+            "exec 3<&-",
+            'wait "$vtool_pid"',
+            "vtool_rc=$?",
+            'kill "$vtool_watch" 2>/dev/null',
+            "exit $vtool_rc",
         ]
     )
 
