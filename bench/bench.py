@@ -1521,6 +1521,20 @@ def summary(b: Bench) -> str:
 # -- the report ----------------------------------------------------------------------------
 
 
+MEASURED = ""  # the work tree's state when the bench started (run.sh installs vtool from it just before)
+
+
+def tree_state() -> str:
+    """Which vtool this is: the work tree's commit, and whether vtool/ had changes then."""
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return r.stdout.strip()
+
+    dirty = " + uncommitted changes in vtool/" if git("status", "--porcelain", "--", "vtool") else ""
+    return f"the work tree at commit {git('rev-parse', '--short', 'HEAD') or '?'}{dirty}"
+
+
 def machine() -> list[tuple[str, str]]:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -1538,13 +1552,8 @@ def machine() -> list[tuple[str, str]]:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    def git(*args: str) -> str:
-        r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
-        return r.stdout.strip()
-
-    dirty = " + uncommitted changes in vtool/" if git("status", "--porcelain", "--", "vtool") else ""
     return [
-        ("vtool measured", f"the work tree at commit {git('rev-parse', '--short', 'HEAD') or '?'}{dirty}"),
+        ("vtool measured", MEASURED or tree_state()),
         ("CPUs (nproc)", str(os.cpu_count())),
         ("CPU", cpu),
         ("memory", f"{mem_kb / 2**20:.1f} GiB"),
@@ -1851,6 +1860,8 @@ def main() -> None:
         PYTHONPYCACHEPREFIX=str(tmp / "pycache"),
     )
     b = Bench(tmp=tmp, env=env, runs=args.runs, timeout=args.timeout)
+    global MEASURED
+    MEASURED = tree_state()  # (at the start: the tree may change while the bench runs)
     started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.perf_counter()
     say(f"bench: temp {tmp}, {args.runs} runs, workloads {','.join(sorted(workloads))}")

@@ -35,6 +35,7 @@ timeout 1200 "$venv/bin/python" -m pip install --quiet --upgrade pip
 # run. Not editable: an editable install's import hook costs every Python start in the venv
 # ~9 ms (measured: `python -c pass` 17 ms against 8 ms), peers included, and a copy keeps a
 # running bench apart from edits to the tree.
+rm -rf "$root/build"  # (setuptools builds there: no module deleted from the tree may linger in the copy)
 timeout 1200 "$venv/bin/python" -m pip uninstall --quiet --yes vtool >/dev/null 2>&1 || true
 timeout 1200 "$venv/bin/python" -m pip install --quiet "$root" parallel-ssh fabric ansible-core
 
