@@ -531,6 +531,7 @@ class Bench:
     labels: dict[str, str] = field(default_factory=dict)  # workload -> its name in the summary
     sampling: bool = False  # the untimed memory run
     trashed: int = 0  # folders moved to the nodes' trash so far (clean_nodes)
+    measured: str = ""  # which vtool: the work tree when the bench started (run.sh installs vtool from it just before)
 
     @property
     def home(self) -> Path:
@@ -1521,9 +1522,6 @@ def summary(b: Bench) -> str:
 # -- the report ----------------------------------------------------------------------------
 
 
-MEASURED = ""  # the work tree's state when the bench started (run.sh installs vtool from it just before)
-
-
 def tree_state() -> str:
     """Which vtool this is: the work tree's commit, and whether vtool/ had changes then."""
 
@@ -1535,7 +1533,7 @@ def tree_state() -> str:
     return f"the work tree at commit {git('rev-parse', '--short', 'HEAD') or '?'}{dirty}"
 
 
-def machine() -> list[tuple[str, str]]:
+def machine(measured: str) -> list[tuple[str, str]]:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
         for ln in f:
@@ -1553,7 +1551,7 @@ def machine() -> list[tuple[str, str]]:
             return "not installed"
 
     return [
-        ("vtool measured", MEASURED or tree_state()),
+        ("vtool measured", measured),
         ("CPUs (nproc)", str(os.cpu_count())),
         ("CPU", cpu),
         ("memory", f"{mem_kb / 2**20:.1f} GiB"),
@@ -1677,7 +1675,7 @@ def write_report(b: Bench, path: Path, command: str, started: str, seconds: floa
         "",
         "| | |",
         "|---|---|",
-        *[f"| {k} | {v} |" for k, v in machine()],
+        *[f"| {k} | {v} |" for k, v in machine(b.measured)],
         "",
         HOW,
         "## vtool against the fastest peer",
@@ -1859,9 +1857,7 @@ def main() -> None:
         PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
         PYTHONPYCACHEPREFIX=str(tmp / "pycache"),
     )
-    b = Bench(tmp=tmp, env=env, runs=args.runs, timeout=args.timeout)
-    global MEASURED
-    MEASURED = tree_state()  # (at the start: the tree may change while the bench runs)
+    b = Bench(tmp=tmp, env=env, runs=args.runs, timeout=args.timeout, measured=tree_state())
     started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.perf_counter()
     say(f"bench: temp {tmp}, {args.runs} runs, workloads {','.join(sorted(workloads))}")

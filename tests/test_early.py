@@ -159,7 +159,7 @@ before = sockets()
 n = early.start(["run", "true"])
 opened = list(early._opened)
 for s in opened:
-    early.wait(s, 30)
+    assert early._started[s].wait(30) == 0  # the connection is open (early.wait would use its copy)
 listener = early._share_path
 with early._share_lock:
     early._receive_copies()
@@ -167,8 +167,8 @@ peers = sorted(socket.socket(fileno=os.dup(fd)).getpeername()[1] for fd in early
 out = {"started": n, "named": sorted(early._shared) == sorted(opened), "peers": peers,
        "listening": os.path.exists(listener)}
 for s in opened:
-    early.quickack(s)
-    early.quickack(s)  # a second session: nothing left to do
+    early.wait(s, 30)  # the first session: the copy is used and closed
+    early.wait(s, 30)  # a second one: nothing left to do
 out.update(left=len(early._shared), leaked=sorted(set(sockets()) - set(before)))
 early.abandon()
 print(json.dumps(out))
@@ -177,8 +177,8 @@ print(json.dumps(out))
 
 def test_early_connections_give_vtool_a_copy_for_its_first_command(venv: Env) -> None:
     """vtool-connect hands this process a copy of each connection opened early (by a socket
-    in the private control folder), named by its control socket; quickack uses each once (the
-    latency it saves is measured, not tested: see vtool.early)."""
+    in the private control folder), named by its control socket; early.wait uses each once
+    (the latency it saves is measured, not tested: see vtool.early)."""
     import json
 
     venv.ok("launch", "3")

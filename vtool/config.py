@@ -179,13 +179,13 @@ class VtoolConfig(invoke.Config):
         return _merge(invoke.Config.global_defaults(), VTOOL_DEFAULTS)
 
     def _load_yaml(self, path: Any) -> Any:
-        # Invoke calls this for every place a file may be (a missing one raises ENOENT); PyYAML
-        # is imported only once a file is there (~3 ms of start-up for most commands).
+        # Invoke calls this for every place a file may be; PyYAML is imported only once a file
+        # is there (~3 ms of start-up for most commands).
         try:
             with open(path, encoding="utf-8") as fd:
                 text = fd.read()
         except FileNotFoundError:
-            raise  # (Invoke tries every place a file may be)
+            raise  # (Invoke's own "no file there")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
         except UnicodeDecodeError:

@@ -7,7 +7,7 @@
  *
  * With VTOOL_CONNECT_SHARE (a listening socket's path) and VTOOL_CONNECT_AS (a name) in its
  * environment, it also gives a copy of the connected socket, with that name, to the vtool
- * process listening there (vtool.early.quickack), best effort. */
+ * process listening there (vtool.early), best effort. */
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>

@@ -167,7 +167,6 @@ class SshClient:
     def argv(self, command: str | None = None, *, tty: bool = False, log: str | None = None) -> list[str]:
         if self.control_path is not None:  # a connection vtool's start-up is opening (vtool.early)
             early.wait(self.control_path, self.connect_timeout + 5)
-            early.quickack(self.control_path)
         args = [self.program, "-F", "/dev/null", *self.options, *self._connector_options(log)]
         if log is not None:  # ssh's own messages, kept apart from the remote command's stderr
             args += ["-E", log]
@@ -191,7 +190,7 @@ class SshClient:
     def env(self) -> dict[str, str] | None:
         """The environment of this client's ssh processes: ssh runs its ProxyCommand
         (vtool-connect) with $SHELL, and /bin/sh starts faster than a login shell like bash."""
-        return proxy_env() if self.connector is not None else None
+        return early.proxy_env() if self.connector is not None else None
 
     def _connector_options(self, log: str | None) -> list[str]:
         if self.connector is None:
@@ -349,7 +348,6 @@ class SshClient:
         if self.direct:
             assert self.control_path is not None
             early.wait(self.control_path, self.connect_timeout + 5)  # (vtool.early)
-            early.quickack(self.control_path)
             session = _track(mux.MuxProcess(self.control_path))  # Ctrl-C stops it while it opens
             try:
                 _check_stopping()
@@ -614,14 +612,6 @@ def q(value: object) -> str:
 
 
 _helper: dict[str, str | None] = {}
-
-
-def proxy_env() -> dict[str, str]:
-    """ssh's environment when vtool-connect is its ProxyCommand: a fast $SHELL to start it
-    with, and no VTOOL_CONNECT_* (only vtool.early asks vtool-connect for a copy)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VTOOL_CONNECT_")}
-    env["SHELL"] = "/bin/sh"
-    return env
 
 
 def _own_program(path: Path) -> bool:
