@@ -193,6 +193,80 @@ def test_the_nodes_connect_ahead_to_the_ones_they_pass_the_package_on_to(venv: E
         assert not survivors, survivors
 
 
+def _kept(env: Env, index: int) -> list[Path]:
+    return sorted((env.node_home(index) / ".vtool" / "packages").iterdir())
+
+
+def test_a_compressed_package_is_decompressed_by_one_node_and_kept_plain(venv: Env) -> None:
+    """The client sends its .tar.gz once; only the node that receives it from the client
+    decompresses it, and every node keeps (and passes on) the plain tar, checked by size.
+    Sent directly (2 nodes, under ``inject.relay``) the nodes keep it plain too, so a later
+    inject can have them pass it on to the others."""
+    venv.ok("launch", "2")
+    pkg = make_package(venv.root, "texty", "#!/bin/sh\ntrue\n", {"data.txt": os.urandom(1_500_000).hex()})
+    r = venv.ok("inject", str(pkg))
+    assert r.stdout.count("package sent)") == 2 and "pass it on" not in r.stderr, r.stdout + r.stderr
+    store = venv.vhome / "clusters" / "default" / "packages"
+    (archive,) = store.glob("texty-*.tar.gz")  # gzip pays here: hex text
+    dirname = archive.name[: -len(".tar.gz")]
+    plain = int((store / f"{dirname}.tar-size").read_text())
+    with tarfile.open(archive) as t:
+        members = t.getnames()
+    assert plain > 1.5 * archive.stat().st_size
+
+    def check(index: int) -> None:
+        (kept,) = _kept(venv, index)
+        assert kept.name == f"{dirname}.tar" and kept.stat().st_size == plain, (index, kept)
+        with tarfile.open(kept, "r:") as t:  # plain: "r:" refuses a compressed file
+            assert t.getnames() == members
+        got = _release_dir(venv, index, "texty")
+        assert got is not None and (got / "data.txt").read_text() == (pkg / "data.txt").read_text()
+
+    for i in range(2):
+        check(i)
+    # Four nodes more: they get it (the two that have it may pass on what they kept).
+    r = venv.ok("launch", "4")
+    assert "received 4/4 node(s)" in r.stderr and "FAILED" not in r.stdout + r.stderr, r.stderr
+    for i in range(6):
+        check(i)
+    # A new version into all six: through the tree, fed with the .tar.gz.
+    (pkg / "data.txt").write_text(os.urandom(1_500_000).hex())
+    r = venv.ok("inject", str(pkg))
+    assert "through a tree of 6 nodes" in r.stderr and "did not get it through the tree" not in r.stderr, r.stderr
+    assert r.stdout.count("package from another node)") == 5, r.stdout
+    (archive,) = [a for a in store.glob("texty-????????????.tar.gz") if not a.name.startswith(dirname)]
+    dirname = archive.name[: -len(".tar.gz")]
+    plain = int((store / f"{dirname}.tar-size").read_text())
+    with tarfile.open(archive) as t:
+        members = t.getnames()
+    for i in range(6):
+        check(i)
+
+
+@pytest.mark.parametrize("nodes", ["1-2", "1-5"])
+def test_a_damaged_archive_is_refused_by_the_nodes(venv: Env, nodes: str) -> None:
+    """The archive in vtool's store, damaged after it was made: the node that decompresses
+    it refuses it, directly (2 nodes) or at the root of the tree (5 nodes, where the others
+    only ever see the plain stream). Every node is reported and none keeps or unpacks it."""
+    venv.ok("launch", "6")
+    pkg = make_package(venv.root, "texty", "#!/bin/sh\ntrue\n", {"data.txt": os.urandom(1_500_000).hex()})
+    venv.ok("inject", str(pkg), "--nodes", "0")
+    (archive,) = (venv.vhome / "clusters" / "default" / "packages").glob("texty-*.tar.gz")
+    data = bytearray(archive.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    archive.write_bytes(bytes(data))
+    r = venv.cli("inject", str(pkg), "--nodes", nodes, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    first, last = (int(x) for x in nodes.split("-"))
+    for i in range(first, last + 1):
+        assert f"node {i}: FAILED" in r.stdout + r.stderr, (i, r.stdout, r.stderr)
+        assert _release_dir(venv, i, "texty") is None
+        assert not [p for p in os.listdir(venv.node_home(i) / ".vtool" / "releases") if p.startswith("texty")]
+        assert not (venv.node_home(i) / ".vtool" / "packages").exists() or not _kept(venv, i), i
+    assert "the package does not decompress" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 def _node_dir(env: Env, index: int) -> Path:
     return env.vhome / "clusters" / "default" / "nodes" / str(index)
 

@@ -486,16 +486,33 @@ class _Payload:
     path: Path  # on the client
     name: str  # as kept in ~/.vtool/packages on the nodes
     install: str  # the node command that keeps it and unpacks it from stdin (sent directly)
-    size: int
+    size: int  # of the kept copy
     unpack: str  # the node command that unpacks the kept copy (relayed: received first, passed on, then this)
+    sent: int = 0  # bytes the client sends (the file at path); 0: size
+    inflate: str = ""  # the compression of what the client sends, undone by the node that receives it
+
+    @property
+    def sent_size(self) -> int:
+        return self.sent or self.size
 
 
 def _full_payload(release: Release) -> _Payload:
+    """The whole package. The client sends its archive as it is (compressed); the nodes keep
+    it as a plain tar (the first decompresses it), so that only one node in a relay spends
+    the CPU to decompress it: measured on 32 local nodes, gunzip was a third of an inject's
+    CPU. The plain copy also unpacks ~4x faster."""
     path = Path(release.archive)
-    name = f"{release.dirname}.tar" + ("" if release.compression == "none" else f".{release.compression}")
-    size = path.stat().st_size
+    name = f"{release.dirname}.tar"
+    inflate = "" if release.compression == "none" else release.compression
+    size = package.plain_size(release)
     return _Payload(
-        path, name, remote.install(release, name, size), size, remote.install(release, name, size, kept=True)
+        path,
+        name,
+        remote.install(release, name, size, compression="none", inflate=inflate),
+        size,
+        remote.install(release, name, size, compression="none", kept=True),
+        sent=path.stat().st_size,
+        inflate=inflate,
     )
 
 
@@ -534,9 +551,11 @@ def _send_payload(
     count = {"done": 0}
     # A small payload (a delta, a script) goes straight to each node over the connections
     # vtool already has: a relay round would cost more than the bytes it saves.
-    relay_min = s.settings.inject_relay if payload.size >= RELAY_MIN_BYTES else 0
-    relaying = _relays(s, payload.size, len(nodes))
-    transfer = remote.receive(payload.name, payload.size) if relaying else payload.install
+    relay_min = s.settings.inject_relay if payload.sent_size >= RELAY_MIN_BYTES else 0
+    relaying = _relays(s, payload.sent_size, len(nodes))
+    # From the client: compressed (the node decompresses it); from a node: as kept.
+    transfer = remote.receive(payload.name, payload.size, payload.inflate) if relaying else payload.install
+    passed_on = remote.receive(payload.name, payload.size)
 
     def check(r: CommandResult, where: str) -> None:
         if r.exit_code == remote.BASE_CHANGED:
@@ -553,7 +572,7 @@ def _send_payload(
 
     def relay(holder: Node, target: Node) -> str:
         try:
-            r = s.client(holder).run(remote.relay(target, payload.name, transfer), timeout=timeout)
+            r = s.client(holder).run(remote.relay(target, payload.name, passed_on), timeout=timeout)
         except NodeError as e:
             raise HolderLost(f"node {holder.index}, passing the package on, failed: {e}") from None
         if r.exit_code == remote.RELAY_NO_PAYLOAD:
@@ -575,7 +594,7 @@ def _send_payload(
     unpacked_by_fan: dict[int, int] = {}  # node index -> the exit code of its unpack
     rest = list(nodes)
     if relaying:
-        progress(f"inject: sending {what} ({_size(payload.size)}) once; the nodes pass it on")
+        progress(f"inject: sending {what} ({_size(payload.sent_size)}) once; the nodes pass it on")
         if not holders and all(_PLAIN.fullmatch(x) for x in [payload.name, *(n.name for n in nodes)]):
             progress(f"inject: passing it on through a tree of {len(nodes)} nodes")
             out, unpacked_by_fan = _broadcast(s, nodes, payload, timeout, done, progress)
@@ -675,7 +694,9 @@ def _broadcast(
                 got[node.index] = "direct" if node is first else "relay"
             done(node.index, None)
 
-    command = remote.fan(first.name, payload.name, payload.size, [x.name for x in nodes[1:]], payload.unpack)
+    command = remote.fan(
+        first.name, payload.name, payload.size, [x.name for x in nodes[1:]], payload.unpack, payload.inflate
+    )
     try:
         with open(payload.path, "rb") as f:
             s.client(first).run(command, input=f, timeout=timeout, on_line=line)

@@ -211,11 +211,41 @@ def _write_manifest(archive: Path, entries: list[Entry], digests: dict[str, str]
             for e in entries
         }
     }
-    dest = manifest_path(archive)
+    _write_note(manifest_path(archive), json.dumps(data, sort_keys=True))
+
+
+def _write_note(dest: Path, text: str) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
+    tmp.write_text(text)
     os.chmod(tmp, 0o600)
     os.replace(tmp, dest)
+
+
+def _size_note(archive: Path) -> Path:
+    return archive.with_name(re.sub(r"\.tar(\.gz|\.bz2)?$", "", archive.name) + ".tar-size")
+
+
+def plain_size(release: Release) -> int:
+    """The size of the release's archive decompressed: the plain tar that the nodes keep
+    (they pass that on among themselves, so that only the first one decompresses). Noted
+    next to the archive in the store when vtool packs it; counted once (by decompressing)
+    for an archive the user packed."""
+    archive = Path(release.archive)
+    if release.compression == "none":
+        return archive.stat().st_size
+    note = _size_note(archive)
+    try:
+        return int(note.read_text())
+    except (OSError, ValueError):
+        pass
+    import bz2  # (rare: only here)
+
+    size = 0
+    with (gzip.open if release.compression == "gz" else bz2.open)(archive, "rb") as f:
+        while chunk := f.read(1 << 20):
+            size += len(chunk)
+    _write_note(note, str(size))
+    return size
 
 
 def write_delta(new: Release, base: str) -> Path | None:
@@ -289,9 +319,9 @@ class _Counted:
         return self.count
 
 
-def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level: int | None = 1) -> float:
+def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level: int | None = 1) -> int:
     """A tarball of ``entries`` under the folder ``name/``, owners and modes normalised:
-    gzip at ``level``, or plain with ``level=None``. Returns compressed/plain size."""
+    gzip at ``level``, or plain with ``level=None``. Returns the size of the plain tar."""
     tmp_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     os.close(tmp_fd)
     try:
@@ -327,7 +357,7 @@ def write_tarball(root: Path, name: str, entries: list[Entry], dest: Path, level
                         tar.addfile(info, f)
         os.chmod(tmp, 0o600)
         os.replace(tmp, dest)
-        return dest.stat().st_size / max(1, counted.count)
+        return counted.count
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -394,10 +424,13 @@ def build_release(source: str | Path, store: Path) -> Release:
         if plain.exists():
             dest = plain
         elif not dest.exists():
-            if write_tarball(src, name, entries, dest) > 0.9:
+            size = write_tarball(src, name, entries, dest)
+            if dest.stat().st_size > 0.9 * size:
                 write_tarball(src, name, entries, plain, level=None)
                 dest.unlink()
                 dest = plain
+            else:
+                _write_note(_size_note(dest), str(size))
         os.utime(dest)  # the newest release is the last one used (the store keeps a few)
         if not manifest_path(dest).exists():
             _write_manifest(dest, entries, digests)

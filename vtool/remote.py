@@ -52,7 +52,9 @@ cmd=$(cat "$run/command")
 # Arguments: ITS_NAME PAYLOAD SIZE AFTER [NAME ...] (names: the Hosts of ~/.vtool/ssh_config).
 FAN = r"""#!/bin/sh
 # written by vtool: keep the payload on stdin and pass it on to the nodes named (see vtool/remote.py)
-me=$1; p=$2; size=$3; after=$4; shift 4
+# The first node ($z: cat, gzip or bzip2) decompresses what the client sends and appends "ok"
+# once that succeeded; the others ($z: -) pass the stream on as they get it.
+me=$1; p=$2; size=$3; after=$4; z=$5; shift 5
 pk="$HOME/.vtool/packages"
 mkdir -p "$pk" || exit 4
 part="$pk/.$p.part.$$"
@@ -77,13 +79,37 @@ for c in a b; do
   eval "h=\$$c; r=\$r$c"
   [ -n "$h" ] || continue
   f="$pk/.$p.to.$$.$c"
-  ssh -F "$HOME/.vtool/ssh_config" "$h" "exec sh \"\$HOME/.vtool/bin/vtool-fan\" $h $p $size $after$r" < "$f" &
+  ssh -F "$HOME/.vtool/ssh_config" "$h" "exec sh \"\$HOME/.vtool/bin/vtool-fan\" $h $p $size $after -$r" < "$f" &
   kids="$kids $!"
   outs="$outs $f"
 done
-tee -p $outs > "$part"
+spread() {  # stdin into the file $1 and the fifos after it; a reader that is gone is dropped
+  if command -v perl >/dev/null 2>&1; then  # in blocks of up to 1 MB: tee's are 8 KB
+    perl -e '$SIG{PIPE} = "IGNORE"; my @o;
+      for my $p (@ARGV) { open(my $h, ">", $p) or die "$p: $!\n"; push @o, $h }
+      my ($b, $n);
+      while ($n = sysread(STDIN, $b, 1 << 20)) {
+        for my $i (0 .. $#o) {
+          my $off = 0;
+          while ($o[$i] && $off < $n) {
+            my $w = syswrite($o[$i], $b, $n - $off, $off);
+            if (defined $w) { $off += $w } elsif ($i == 0) { die "$!\n" } else { $o[$i] = undef }
+          }
+        }
+      }
+      defined $n or die "$!\n"' "$@"
+  else
+    f=$1; shift; tee -p "$@" > "$f"
+  fi
+}
+case $z in
+  -) spread "$part" $outs ;;
+  cat) { cat && printf ok; } | spread "$part" $outs ;;
+  *) { $z -dc && printf ok; } | spread "$part" $outs ;;
+esac
 rc=4
-if [ "$(stat -c %s "$part")" = "$size" ] && mv -f "$part" "$pk/$p"; then
+if [ "$(stat -c %s "$part")" = $((size + 2)) ] && [ "$(tail -c 2 "$part")" = ok ] &&
+   truncate -s "$size" "$part" && mv -f "$part" "$pk/$p"; then
   echo "vtool-got $me"
   rc=0
   if [ "$after" != - ]; then
@@ -272,8 +298,19 @@ RELAY_UNREACHABLE = 75  # the relaying node could not reach the receiving one
 RELAY_NO_PAYLOAD = 76  # the relaying node no longer has the payload
 
 
+# What undoes a compression on the node, reading stdin ("": nothing to undo).
+INFLATE = {"": "cat", "gz": "gzip -dc", "bz2": "bzip2 -dc"}
+DAMAGED = "the package does not decompress (is its archive in vtool's package store damaged?)"
+
+
 def install(
-    release: Release, payload: str, size: int, base: str | None = None, compression: str = "", kept: bool = False
+    release: Release,
+    payload: str,
+    size: int,
+    base: str | None = None,
+    compression: str = "",
+    kept: bool = False,
+    inflate: str = "",
 ) -> str:
     """Unpack the payload on stdin into the release folder (atomically; a no-op if present).
 
@@ -283,6 +320,8 @@ def install(
     checked (a full disk would cut it short).
 
     ``compression``: the payload's, when it is not the release's (a delta is a .tar.gz).
+    ``inflate``: stdin is the payload compressed so ("gz", "bz2"); the node decompresses it
+    (the decompressor's check covers the bytes) and keeps the payload plain, ``size`` bytes.
     ``kept``: unpack the copy already in ``~/.vtool/packages`` (see ``receive``), not stdin.
     With ``base``, the files the delta does not carry are hard links to the base release's,
     once their sha256 is checked: that release is never changed by vtool, and a base that
@@ -310,7 +349,16 @@ def install(
             'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
             "trap 'rm -rf \"$tmp\"' EXIT",
             # Received, kept and unpacked in one pass; the kept copy is checked before it is used.
-            f'tee "$tmp/.payload" | tar -x {flag} -f - -C "$tmp" --no-same-owner',
+            *(
+                [
+                    f'x=0; {{ {INFLATE[inflate]} || : > "$tmp/.bad"; }} | tee "$tmp/.payload" '
+                    f'| tar -x {flag} -f - -C "$tmp" --no-same-owner || x=$?',
+                    f'[ ! -e "$tmp/.bad" ] || {{ echo {q(DAMAGED)} >&2; exit 4; }}',
+                    '[ "$x" = 0 ] || exit "$x"',
+                ]
+                if inflate
+                else [f'tee "$tmp/.payload" | tar -x {flag} -f - -C "$tmp" --no-same-owner']
+            ),
             f'[ "$(stat -c %s "$tmp/.payload")" = {int(size)} ] || '
             '{ echo "the package arrived incomplete (is the disk full?)" >&2; exit 4; }',
         ]
@@ -341,10 +389,11 @@ def install(
     return "; ".join(parts)
 
 
-def receive(payload: str, size: int) -> str:
+def receive(payload: str, size: int, inflate: str = "") -> str:
     """Keep the payload on stdin as ``~/.vtool/packages/PAYLOAD`` (size checked), without
     unpacking it: a relayed node can pass it on at once and unpack it afterwards (``install``
-    with ``kept``). SSH's integrity check covers the transfer; the unpack checks gzip's CRC."""
+    with ``kept``). SSH's integrity check covers the transfer; the unpack checks gzip's CRC.
+    ``inflate``: as in ``install`` (the decompressor's check covers the bytes)."""
     f = f'"$pk/"{q(payload)}'
     return "; ".join(
         [
@@ -354,7 +403,7 @@ def receive(payload: str, size: int) -> str:
             f'if [ -f {f} ] && [ "$(stat -c %s {f})" = {int(size)} ]; then cat >/dev/null; exit 0; fi',
             f'part="$pk/."{q(payload)}".part.$$"',
             "trap 'rm -f \"$part\"' EXIT",
-            'cat > "$part"',
+            f'{INFLATE[inflate]} > "$part"' + (f" || {{ echo {q(DAMAGED)} >&2; exit 4; }}" if inflate else ""),
             f'[ "$(stat -c %s "$part")" = {int(size)} ] || '
             '{ echo "the package arrived incomplete (is the disk full?)" >&2; exit 4; }',
             f'mv -f "$part" {f}',
@@ -377,14 +426,15 @@ def relay(to: Node, payload: str, install_command: str) -> str:
     )
 
 
-def fan(me: str, payload: str, size: int, rest: Sequence[str], after: str = "") -> str:
+def fan(me: str, payload: str, size: int, rest: Sequence[str], after: str = "", inflate: str = "") -> str:
     """On the first node of a pipelined broadcast (see FAN): keep the payload on stdin and
     pass it on to the nodes named ``rest``, which pass it on in turn; each then runs ``after``
-    (the unpack). Every name must be a plain token (node names and payload names are)."""
+    (the unpack). Every name must be a plain token (node names and payload names are).
+    ``inflate``: as in ``install``; only this node decompresses, the others get it plain."""
     import base64
 
     code = base64.b64encode(after.encode()).decode() if after else "-"
-    args = (me, payload, int(size), code, *rest)
+    args = (me, payload, int(size), code, INFLATE[inflate].split()[0], *rest)
     return " ".join(["exec", "sh", '"$HOME/.vtool/bin/vtool-fan"', *(q(x) for x in args)])
 
 
