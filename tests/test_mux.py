@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,7 @@ def test_supervised_without_a_process_group_of_its_own(shell: str, tmp_path: Pat
     p.stdin.close()
 
 
-def _fake_master(path: str, behaviour: str, got_request: Any = None) -> None:
+def _fake_master(path: str, behaviour: str, got_request: Any = None) -> threading.Thread:
     """A master that answers HELLO, takes one request and then: ``close``s, ``refuse``s,
     stays ``silent``, or (``garbage``) says something other than HELLO first. Sets the
     ``got_request`` event (if given) once the request and its descriptors are in."""
@@ -254,7 +255,9 @@ def _fake_master(path: str, behaviour: str, got_request: Any = None) -> None:
                 conn.recv(1)  # until the client gives up
         server.close()
 
-    threading.Thread(target=serve, daemon=True).start()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.mark.parametrize(
@@ -274,11 +277,13 @@ def test_a_request_that_went_out_is_never_started_another_way(
     from vtool import mux
 
     path = str(tmp_path / "m")
-    _fake_master(path, behaviour)
+    master = _fake_master(path, behaviour)
     before = set(os.listdir("/proc/self/fd"))
     p = mux.MuxProcess(path)
     with pytest.raises(getattr(mux, error), match=text):
         p.open("true", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, open_timeout=0.5)
+    # (the fake master runs in this process: its end of the connection closes once it saw ours close)
+    master.join(timeout=10)
     assert set(os.listdir("/proc/self/fd")) <= before  # no descriptor left open
 
 
