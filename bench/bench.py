@@ -183,7 +183,7 @@ class Package:
 
     folder: Path  # holds vtool-launch; its name is the package's name
     tarball: Path  # a .tar.gz of the folder (`vtool mkpkg`, gzip -6 as `tar czf`): what the tar peers upload
-    archive: Path  # what vtool sends for it (its package store: a .tar.gz, or a plain .tar if gzip saves little)
+    archive: Path  # what vtool sends for it (its package store: the zstd copy, or a plain .tar if gzip saves little)
     dirname: str  # vtool's release folder on a node, NAME-HASH12
     files: dict[str, str]  # every file, relative to the folder -> SHA-256
 
@@ -198,7 +198,7 @@ class Package:
 
     @property
     def kind(self) -> str:
-        return "plain .tar" if self.archive.name.endswith(".tar") else ".tar.gz"
+        return {".tar": "plain .tar", ".zst": ".tar.zst (zstd -3)"}.get(self.archive.suffix, ".tar.gz")
 
 
 @dataclass
@@ -867,7 +867,8 @@ def _pack(folder: Path, store: Path) -> Package:
     release = vtool_package.build_release(folder, store)
     tarball = vtool_package.make_package(folder, store.parent / "peer-tarballs" / f"{release.dirname}.tar.gz")
     files = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-    return Package(folder, tarball, Path(release.archive), release.dirname, files)
+    sent = vtool_package.zstd_archive(release) or Path(release.archive)  # (as inject picks it: this machine has zstd)
+    return Package(folder, tarball, sent, release.dirname, files)
 
 
 def _launcher(folder: Path) -> None:
@@ -1585,8 +1586,9 @@ include starting Python and importing the library, as vtool's CLI rows do.
 For the injects (workloads 2, 3, 4 and 6) every peer puts the package into a folder of its
 own in the node's home (`~/p-TOOL/NAME`). All but rsync upload a `.tar.gz` of the folder
 (`vtool mkpkg`: gzip -6, as `tar czf` makes) and unpack it with `tar -xzf`. vtool sends its
-own archive (gzip -1, or a plain `.tar` when gzip would save under 10%: the nodes unpack that
-far faster). Both are written once, untimed (vtool's package store keeps its archive), so no
+own archive: its zstd copy (level 3, made from its `.tar.gz` once, in its store), since this
+machine and the nodes have `zstd` (`inject.zstd`), or a plain `.tar` when gzip would save
+under 10%. Both are written once, untimed (the warm-up run makes vtool's zstd copy), so no
 measured run packs:
 
 | tool | how | parallelism |

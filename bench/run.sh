@@ -18,14 +18,18 @@ for tool in ssh scp ssh-keygen xargs; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install openssh-client findutils)" >&2; exit 3; }
 done
 [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null || { echo "bench: sshd is missing (apt-get install openssh-server)" >&2; exit 3; }
-# rsync (a peer of the inject rows, on the client and, the same binary, on the local nodes).
-if ! command -v rsync >/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "bench: installing rsync" >&2
-        apt-get install -y -q rsync >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q rsync >/dev/null; }
+# rsync (a peer of the inject rows, on the client and, the same binary, on the local nodes),
+# and zstd (vtool's package format when the client and the nodes have it; scripts/bootstrap.sh
+# installs it too).
+for tool in rsync zstd; do
+    if ! command -v "$tool" >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "bench: installing $tool" >&2
+            apt-get install -y -q "$tool" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$tool" >/dev/null; }
+        fi
+        command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install $tool)" >&2; exit 3; }
     fi
-    command -v rsync >/dev/null || { echo "bench: rsync is missing (apt-get install rsync)" >&2; exit 3; }
-fi
+done
 
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"

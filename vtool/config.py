@@ -52,6 +52,7 @@ VTOOL_DEFAULTS: dict[str, Any] = {
         "auto": True,  # nodes added by a later launch receive the cluster's current release
         "screen": True,  # start the launch script inside screen when the node has it
         "relay": 4,  # from this many nodes up, the client sends a package once and the nodes pass it on (0: never)
+        "zstd": True,  # send packages compressed with zstd when this machine and the nodes have it
     },
     "local": {
         "sshd": "",  # path of the sshd binary ("" = look in PATH, /usr/sbin, /usr/local/sbin)
@@ -242,6 +243,7 @@ class Settings:
     inject_auto: bool
     inject_screen: bool
     inject_relay: int
+    inject_zstd: bool
     local_sshd: str
     tree: Mapping[str, Any]  # the whole merged tree, plugin sections included
     sources: tuple[str, ...] = ()  # config files that were read
@@ -289,6 +291,7 @@ def _from_tree(tree: dict[str, Any], sources: tuple[str, ...]) -> Settings:
         inject_screen=tree["inject"]["screen"],
         inject_relay=tree["inject"]["relay"],
         local_sshd=tree["local"]["sshd"],
+        inject_zstd=tree["inject"]["zstd"],
         tree=MappingProxyType(tree),
         sources=sources,
     )

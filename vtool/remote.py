@@ -285,7 +285,8 @@ def prepare(
         parts.append(
             f'if [ -d "{d}/releases/"{q(release.dirname)} ]; then echo have; else '
             f'b=$(readlink "$HOME/"{q(release.name)} 2>/dev/null) || b=; b=${{b##*/}}; '
-            f'case "$b" in {q(release.name)}-*) [ -d "{d}/releases/$b" ] || b=-;; *) b=-;; esac; echo "need $b"; '
+            f'case "$b" in {q(release.name)}-*) [ -d "{d}/releases/$b" ] || b=-;; *) b=-;; esac; '
+            'z=; if command -v zstd >/dev/null 2>&1; then z=" zstd"; fi; echo "need $b$z"; '
             + (f'if [ "$b" = - ]; then {_warm(d, warm)}; fi; ' if warm and trust is not None else "")
             + "fi"
         )
@@ -327,7 +328,7 @@ def install(
     once their sha256 is checked: that release is never changed by vtool, and a base that
     was changed on the node makes the install exit BASE_CHANGED (the caller sends it whole).
     """
-    flag = {"gz": "-z", "bz2": "-j", "none": ""}[compression or release.compression]
+    flag = {"gz": "-z", "bz2": "-j", "zst": "-I zstd", "none": ""}[compression or release.compression]
     parts = [
         "set -e",
         'd="$HOME/.vtool/releases"',
@@ -341,7 +342,9 @@ def install(
             f'[ -f "$pk/"{q(payload)} ] || {{ echo "the package is not on the node" >&2; exit 4; }}',
             'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
             "trap 'rm -rf \"$tmp\"' EXIT",
-            f'tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner',
+            # (a copy that does not unpack is not kept: a later inject or relay would reuse it)
+            f'tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner '
+            f'|| {{ x=$?; rm -f -- "$pk/"{q(payload)}; exit $x; }}',
         ]
     else:
         parts += [
