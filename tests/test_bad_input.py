@@ -100,6 +100,14 @@ def test_bad_packages(cluster3: Env) -> None:
     zipfile.write_bytes(b"PK")
     refused(cluster3, "inject", str(zipfile), code=2, says="a package is a folder or a .tar.gz")
     refused(cluster3, "inject", code=1, says="did not receive required positional arguments")
+    # An archive whose gzip checksum is wrong (tar itself stops reading before it).
+    good = make_package(cluster3.root, "crc", "#!/bin/sh\ntrue\n", {"a.txt": "a" * 5000})
+    bad = cluster3.work / "crc.tar.gz"
+    cluster3.ok("mkpkg", str(good), "--output", str(bad))
+    data = bytearray(bad.read_bytes())
+    data[-8] ^= 0xFF  # (the CRC32 of gzip's trailer)
+    bad.write_bytes(bytes(data))
+    refused(cluster3, "inject", str(bad), code=2, says="the package archive is damaged")
     assert _snapshot(cluster3.node_home(0)) == node_files
 
 

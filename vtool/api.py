@@ -583,7 +583,7 @@ def _send_payload(
 
     def relay(holder: Node, target: Node) -> str:
         try:
-            r = s.client(holder).run(remote.relay(target, payload.name, passed_on), timeout=timeout)
+            r = s.client(holder).run(remote.relay(target, payload.name, payload.size, passed_on), timeout=timeout)
         except NodeError as e:
             raise HolderLost(f"node {holder.index}, passing the package on, failed: {e}") from None
         if r.exit_code == remote.RELAY_NO_PAYLOAD:
@@ -794,7 +794,10 @@ def _inject_release(
             continue
         collect(_send_payload(s, group, delta, progress=progress, what=f"the changes since {base}"), "delta ", whole)
     if whole:
-        full = _full_payload(release, s.settings.inject_zstd and all(x.index in zstd for x in whole))
+        use_zstd = s.settings.inject_zstd and release.compression != "none" and all(x.index in zstd for x in whole)
+        if use_zstd and not package.zstd_path(release).exists():
+            progress("inject: making a zstd copy of the package (once per release)")
+        full = _full_payload(release, use_zstd)
         collect(_send_payload(s, whole, full, holders=holders, progress=progress, what=release.dirname), "", [])
 
     def start(node: Node) -> dict[str, Any]:

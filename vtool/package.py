@@ -216,10 +216,14 @@ def _write_manifest(archive: Path, entries: list[Entry], digests: dict[str, str]
 
 
 def _write_note(dest: Path, text: str) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, dest)
+    tmp_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")  # (0600)
+    try:
+        with os.fdopen(tmp_fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _size_note(archive: Path) -> Path:
@@ -239,14 +243,29 @@ def plain_size(release: Release) -> int:
         return int(note.read_text())
     except (OSError, ValueError):
         pass
+    size = _count_plain(archive, release.compression)
+    _write_note(note, str(size))
+    return size
+
+
+def _count_plain(archive: Path, compression: str) -> int:
+    """Decompress ``archive`` to count its bytes (which checks it whole: gzip's CRC and
+    length, bzip2's CRCs); a damaged archive is a ConfigError."""
     import bz2  # (rare: only here)
 
     size = 0
-    with (gzip.open if release.compression == "gz" else bz2.open)(archive, "rb") as f:
-        while chunk := f.read(1 << 20):
-            size += len(chunk)
-    _write_note(note, str(size))
+    try:
+        with (gzip.open if compression == "gz" else bz2.open)(archive, "rb") as f:
+            while chunk := f.read(1 << 20):
+                size += len(chunk)
+    except (OSError, EOFError, ValueError, zlib.error) as e:  # (gzip.BadGzipFile is an OSError)
+        raise ConfigError(f"{archive}: the package archive is damaged ({e})") from None
     return size
+
+
+def zstd_path(release: Release) -> Path:
+    """Where the zstd copy of the release's archive is kept (see ``zstd_archive``)."""
+    return Path(release.archive).with_name(f"{release.dirname}.tar.zst")
 
 
 def zstd_archive(release: Release) -> Path | None:
@@ -260,8 +279,7 @@ def zstd_archive(release: Release) -> Path | None:
 
     if release.compression == "none":
         return None
-    archive = Path(release.archive)
-    dest = archive.with_name(f"{release.dirname}.tar.zst")
+    dest = zstd_path(release)
     if dest.exists():
         return dest
     program = shutil.which("zstd")
@@ -269,6 +287,7 @@ def zstd_archive(release: Release) -> Path | None:
         return None
     import bz2
 
+    archive = Path(release.archive)
     tmp_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     os.close(tmp_fd)
     try:
@@ -490,12 +509,14 @@ def build_release(source: str | Path, store: Path) -> Release:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    store.mkdir(parents=True, exist_ok=True, mode=0o700)
     dest = store / f"{name}-{digest[:12]}.tar.{comp}"
     if not dest.exists():
+        size = _count_plain(src, comp)  # (tar stops reading at its end marker: the checksum is after it)
+        store.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
+        _write_note(_size_note(dest), str(size))
     else:
         os.utime(dest)
     return Release(name=name, hash=digest, compression=comp, archive=str(dest), launcher=launcher)

@@ -46,20 +46,23 @@ cmd=$(cat "$run/command")
 # a pipelined binary tree, so the client's uplink carries the payload once and no node waits
 # for another to finish. Prints "vtool-got NAME" once its own copy is complete; the lines of
 # the nodes below it come up the same way. A node that fails leaves only its own subtree
-# without the payload (tee -p goes on writing to the others); vtool sends those afterwards.
+# without the payload (the copy goes on to the others); vtool sends those afterwards.
 # Then it runs AFTER (a shell command in base64, "-" for none: the unpack) and prints
 # "vtool-unpacked NAME EXIT_CODE".
-# Arguments: ITS_NAME PAYLOAD SIZE AFTER [NAME ...] (names: the Hosts of ~/.vtool/ssh_config).
+# Arguments: ITS_NAME PAYLOAD SIZE AFTER Z [NAME ...] (names: the Hosts of ~/.vtool/ssh_config;
+# Z: what the first node checks the stream with, see below).
 FAN = r"""#!/bin/sh
 # written by vtool: keep the payload on stdin and pass it on to the nodes named (see vtool/remote.py)
-# The first node ($z: cat, gzip or bzip2) decompresses what the client sends and appends "ok"
-# once that succeeded; the others ($z: -) pass the stream on as they get it.
+# The first node appends "ok" to what the client sends once it is checked: decompressed
+# ($z: gzip or bzip2), tested as it passes ($z: zstd) or as it is ($z: cat, a plain tar,
+# covered by SSH and the size). The others ($z: -) pass the stream on as they get it, and
+# keep their copy only with that "ok".
 me=$1; p=$2; size=$3; after=$4; z=$5; shift 5
 pk="$HOME/.vtool/packages"
 mkdir -p "$pk" || exit 4
 part="$pk/.$p.part.$$"
 kids=
-trap 'kill $kids 2>/dev/null; rm -f "$part" "$part.after" "$pk/.$p.to.$$".*' EXIT
+trap 'kill $kids 2>/dev/null; rm -f "$part" "$part.after" "$part.t" "$pk/.$p.to.$$".*' EXIT
 trap 'exit 4' HUP TERM PIPE
 a=; b=; ra=; rb=; i=0
 for h in "$@"; do
@@ -105,6 +108,8 @@ spread() {  # stdin into the file $1 and the fifos after it; a reader that is go
 case $z in
   -) spread "$part" $outs ;;
   cat) { cat && printf ok; } | spread "$part" $outs ;;
+  zstd) mkfifo "$part.t" || exit 4
+    { zstd -tq < "$part.t" & t=$!; tee "$part.t" && wait $t && printf ok; } | spread "$part" $outs ;;
   *) { $z -dc && printf ok; } | spread "$part" $outs ;;
 esac
 rc=4
@@ -302,6 +307,10 @@ RELAY_NO_PAYLOAD = 76  # the relaying node no longer has the payload
 # What undoes a compression on the node, reading stdin ("": nothing to undo).
 INFLATE = {"": "cat", "gz": "gzip -dc", "bz2": "bzip2 -dc"}
 DAMAGED = "the package does not decompress (is its archive in vtool's package store damaged?)"
+# What checks a kept copy of each compression, reading the file named last.
+_TEST = {"gz": "gzip -tq", "bz2": "bzip2 -tq", "zst": "zstd -tq", "none": "tar -tf"}
+# What decompresses each compression, from stdin to stdout.
+UNPACK = {"gz": "gzip -dc", "bz2": "bzip2 -dc", "zst": "zstd -dc"}
 
 
 def install(
@@ -342,9 +351,11 @@ def install(
             f'[ -f "$pk/"{q(payload)} ] || {{ echo "the package is not on the node" >&2; exit 4; }}',
             'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
             "trap 'rm -rf \"$tmp\"' EXIT",
-            # (a copy that does not unpack is not kept: a later inject or relay would reuse it)
+            # A copy that does not unpack because it is damaged is not kept: a later inject
+            # or relay would reuse it (one that fails for another reason, a full disk, is).
             f'tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner '
-            f'|| {{ x=$?; rm -f -- "$pk/"{q(payload)}; exit $x; }}',
+            f'|| {{ x=$?; if ! {_TEST[compression or release.compression]} "$pk/"{q(payload)} >/dev/null 2>&1; then '
+            f'rm -f -- "$pk/"{q(payload)}; echo {q(DAMAGED)} >&2; fi; exit $x; }}',
         ]
     else:
         parts += [
@@ -352,18 +363,7 @@ def install(
             'tmp=$(mktemp -d "$d/.incoming.XXXXXX")',
             "trap 'rm -rf \"$tmp\"' EXIT",
             # Received, kept and unpacked in one pass; the kept copy is checked before it is used.
-            *(
-                [
-                    f'x=0; {{ {INFLATE[inflate]} || : > "$tmp/.bad"; }} | tee "$tmp/.payload" '
-                    f'| tar -x {flag} -f - -C "$tmp" --no-same-owner || x=$?',
-                    f'[ ! -e "$tmp/.bad" ] || {{ echo {q(DAMAGED)} >&2; exit 4; }}',
-                    '[ "$x" = 0 ] || exit "$x"',
-                ]
-                if inflate
-                else [f'tee "$tmp/.payload" | tar -x {flag} -f - -C "$tmp" --no-same-owner']
-            ),
-            f'[ "$(stat -c %s "$tmp/.payload")" = {int(size)} ] || '
-            '{ echo "the package arrived incomplete (is the disk full?)" >&2; exit 4; }',
+            *_unpack_stream(inflate, compression or release.compression, size),
         ]
     parts.append(
         f'[ -d "$tmp/"{q(release.name)} ] || {{ echo "the package has no folder "{q(release.name)} >&2; exit 3; }}'
@@ -392,11 +392,49 @@ def install(
     return "; ".join(parts)
 
 
+def _unpack_stream(inflate: str, compression: str, size: int) -> list[str]:
+    """Shell: keep stdin as "$tmp/.payload" (``size`` bytes) and unpack it into "$tmp",
+    decompressing it before it is kept (``inflate``) or after (``compression``); then say
+    what went wrong, if anything. The decompressor's own verdict decides "damaged" (exit 1
+    or 2; killed by SIGPIPE, tar or tee failed first, e.g. on a full disk)."""
+    untar = 'tar -x -f - -C "$tmp" --no-same-owner'
+    incomplete = (
+        f'[ "$(stat -c %s "$tmp/.payload")" = {int(size)} ] || '
+        '{ echo "the package arrived incomplete (is the disk full?)" >&2; exit 4; }'
+    )
+
+    def verdict(damaged: str) -> list[str]:
+        return [
+            'read z 2>/dev/null < "$tmp/.z" || z=9',
+            f'case $z in 0) ;; 1|2) echo {q(damaged)} >&2; exit 4;; '
+            '*) [ "$x" != 0 ] || { echo "decompressing the package failed (exit $z)" >&2; exit 4; };; esac',
+        ]
+
+    if inflate:  # (a stream cut short does not decompress either: it cannot be told from damage here)
+        return [
+            f'x=0; {{ {INFLATE[inflate]}; echo $? > "$tmp/.z"; }} | tee "$tmp/.payload" | {untar} || x=$?',
+            *verdict("the package does not decompress (is its archive in vtool's package store damaged, or was the transfer cut short?)"),
+            '[ "$x" = 0 ] || exit "$x"',
+            incomplete,
+        ]
+    if compression == "none":
+        return [f'tee "$tmp/.payload" | {untar}', incomplete]
+    # tee -p goes on keeping the stream when the decompressor stops at damage: the copy is
+    # complete, so the damage is the archive's, not the transfer's.
+    return [
+        f'x=0; tee -p "$tmp/.payload" | {{ {UNPACK[compression]}; echo $? > "$tmp/.z"; }} | {untar} || x=$?',
+        incomplete,
+        *verdict(DAMAGED),
+        '[ "$x" = 0 ] || exit "$x"',
+    ]
+
+
 def receive(payload: str, size: int, inflate: str = "") -> str:
     """Keep the payload on stdin as ``~/.vtool/packages/PAYLOAD`` (size checked), without
     unpacking it: a relayed node can pass it on at once and unpack it afterwards (``install``
-    with ``kept``). SSH's integrity check covers the transfer; the unpack checks gzip's CRC.
-    ``inflate``: as in ``install`` (the decompressor's check covers the bytes)."""
+    with ``kept``). SSH's integrity check covers the transfer; the unpack checks the
+    compressor's checksum. ``inflate``: as in ``install`` (the decompressor's check covers
+    the bytes)."""
     f = f'"$pk/"{q(payload)}'
     return "; ".join(
         [
@@ -406,7 +444,13 @@ def receive(payload: str, size: int, inflate: str = "") -> str:
             f'if [ -f {f} ] && [ "$(stat -c %s {f})" = {int(size)} ]; then cat >/dev/null; exit 0; fi',
             f'part="$pk/."{q(payload)}".part.$$"',
             "trap 'rm -f \"$part\"' EXIT",
-            f'{INFLATE[inflate]} > "$part"' + (f" || {{ echo {q(DAMAGED)} >&2; exit 4; }}" if inflate else ""),
+            f'{INFLATE[inflate]} > "$part"'
+            + (
+                " || { echo \"decompressing the package failed (a damaged archive in vtool's package store, "
+                'or a full disk on the node)" >&2; exit 4; }'
+                if inflate
+                else ""
+            ),
             f'[ "$(stat -c %s "$part")" = {int(size)} ] || '
             '{ echo "the package arrived incomplete (is the disk full?)" >&2; exit 4; }',
             f'mv -f "$part" {f}',
@@ -414,13 +458,16 @@ def receive(payload: str, size: int, inflate: str = "") -> str:
     )
 
 
-def relay(to: Node, payload: str, install_command: str) -> str:
-    """On a node holding ``payload``: send it to node ``to`` over the cluster's own SSH, where
-    ``install_command`` unpacks it. Exit codes: the install's, or RELAY_UNREACHABLE/NO_PAYLOAD."""
+def relay(to: Node, payload: str, size: int, install_command: str) -> str:
+    """On a node holding ``payload`` (``size`` bytes: a copy of another size, e.g. made by
+    another vtool, is not passed on): send it to node ``to`` over the cluster's own SSH,
+    where ``install_command`` unpacks it. Exit codes: the install's, or
+    RELAY_UNREACHABLE/NO_PAYLOAD."""
     return "; ".join(
         [
             f'f="$HOME/.vtool/packages/"{q(payload)}',
-            f'[ -f "$f" ] || {{ echo "no payload to pass on" >&2; exit {RELAY_NO_PAYLOAD}; }}',
+            f'[ -f "$f" ] && [ "$(stat -c %s "$f")" = {int(size)} ] || '
+            f'{{ echo "no payload to pass on" >&2; exit {RELAY_NO_PAYLOAD}; }}',
             f'ssh -F "$HOME/.vtool/ssh_config" {q(to.name)} {q(install_command)} < "$f"',
             "rc=$?",
             f"if [ $rc = 255 ]; then exit {RELAY_UNREACHABLE}; fi",
@@ -437,7 +484,8 @@ def fan(me: str, payload: str, size: int, rest: Sequence[str], after: str = "", 
     import base64
 
     code = base64.b64encode(after.encode()).decode() if after else "-"
-    args = (me, payload, int(size), code, INFLATE[inflate].split()[0], *rest)
+    check = INFLATE[inflate].split()[0] if inflate else ("zstd" if payload.endswith(".zst") else "cat")
+    args = (me, payload, int(size), code, check, *rest)
     return " ".join(["exec", "sh", '"$HOME/.vtool/bin/vtool-fan"', *(q(x) for x in args)])
 
 
