@@ -306,6 +306,32 @@ def test_a_damaged_archive_is_refused_by_the_nodes(venv: Env, nodes: str, zstd: 
     assert "damaged" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("perl", [True, False])
+def test_a_node_copies_the_stream_to_its_children_with_or_without_perl(tmp_path: Path, perl: bool) -> None:
+    """FAN's ``spread``: stdin into the node's own copy and every child's fifo, whole, with
+    perl (1 MB blocks) or, on a node without perl, with tee -p. A child that stops reading
+    (here after 1000 bytes) is dropped and the others still get everything."""
+    import subprocess
+
+    start = remote.FAN.index("spread() {")
+    spread = remote.FAN[start : remote.FAN.index("\n}\n", start) + 3]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ["tee", "cat", "head", "mkfifo", *(["perl"] if perl else [])]:
+        found = shutil.which(tool)
+        assert found, tool
+        os.symlink(found, bindir / tool)
+    data = os.urandom(3_000_000)
+    (tmp_path / "in").write_bytes(data)
+    script = spread + "mkfifo a b\ncat a > got-a &\nhead -c 1000 b > got-b &\nspread out a b < in\nwait\n"
+    r = subprocess.run(
+        ["/bin/sh", "-c", script], cwd=tmp_path, env={"PATH": str(bindir)}, capture_output=True, timeout=60, check=False
+    )
+    assert (tmp_path / "out").read_bytes() == data, r
+    assert (tmp_path / "got-a").read_bytes() == data, r
+    assert (tmp_path / "got-b").read_bytes() == data[:1000], r
+
+
 def _node_dir(env: Env, index: int) -> Path:
     return env.vhome / "clusters" / "default" / "nodes" / str(index)
 
