@@ -21,6 +21,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -251,16 +252,19 @@ def plain_size(release: Release) -> int:
 def _count_plain(archive: Path, compression: str) -> int:
     """Decompress ``archive`` to count its bytes (which checks it whole: gzip's CRC and
     length, bzip2's CRCs); a damaged archive is a ConfigError."""
+    return sum(len(chunk) for chunk in _plain_chunks(archive, compression))
+
+
+def _plain_chunks(archive: Path, compression: str) -> Iterator[bytes]:
+    """The gzip or bzip2 ``archive`` decompressed, 1 MB at a time; ConfigError if damaged."""
     import bz2  # (rare: only here)
 
-    size = 0
     try:
         with (gzip.open if compression == "gz" else bz2.open)(archive, "rb") as f:
             while chunk := f.read(1 << 20):
-                size += len(chunk)
+                yield chunk
     except (OSError, EOFError, ValueError, zlib.error) as e:  # (gzip.BadGzipFile is an OSError)
         raise ConfigError(f"{archive}: the package archive is damaged ({e})") from None
-    return size
 
 
 def zstd_path(release: Release) -> Path:
@@ -274,7 +278,6 @@ def zstd_archive(release: Release) -> Path | None:
     faster to unpack (15 ms against 71 ms). None when this machine has no ``zstd``, when the
     package is a plain tar (incompressible), or when the archive does not decompress (the
     nodes then get it as it is and report it)."""
-    import shutil
     import subprocess
 
     if release.compression == "none":
@@ -285,8 +288,6 @@ def zstd_archive(release: Release) -> Path | None:
     program = shutil.which("zstd")
     if program is None:
         return None
-    import bz2
-
     archive = Path(release.archive)
     tmp_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     os.close(tmp_fd)
@@ -296,9 +297,8 @@ def zstd_archive(release: Release) -> Path | None:
         ) as zstd:
             assert zstd.stdin is not None
             try:
-                with (gzip.open if release.compression == "gz" else bz2.open)(archive, "rb") as src:
-                    while chunk := src.read(1 << 20):
-                        zstd.stdin.write(chunk)
+                for chunk in _plain_chunks(archive, release.compression):
+                    zstd.stdin.write(chunk)
             finally:
                 zstd.stdin.close()
         if zstd.returncode != 0:
@@ -306,7 +306,7 @@ def zstd_archive(release: Release) -> Path | None:
         os.chmod(tmp, 0o600)
         os.replace(tmp, dest)
         return dest
-    except (OSError, EOFError, ValueError, zlib.error):  # (gzip.BadGzipFile is an OSError)
+    except (OSError, ConfigError):
         Path(tmp).unlink(missing_ok=True)
         return None
     except BaseException:

@@ -304,13 +304,11 @@ RELAY_UNREACHABLE = 75  # the relaying node could not reach the receiving one
 RELAY_NO_PAYLOAD = 76  # the relaying node no longer has the payload
 
 
-# What undoes a compression on the node, reading stdin ("": nothing to undo).
-INFLATE = {"": "cat", "gz": "gzip -dc", "bz2": "bzip2 -dc"}
+# What decompresses each compression on the node, from stdin to stdout ("": nothing to undo).
+DECOMPRESS = {"": "cat", "gz": "gzip -dc", "bz2": "bzip2 -dc", "zst": "zstd -dc"}
 DAMAGED = "the package does not decompress (is its archive in vtool's package store damaged?)"
 # What checks a kept copy of each compression, reading the file named last.
 _TEST = {"gz": "gzip -tq", "bz2": "bzip2 -tq", "zst": "zstd -tq", "none": "tar -tf"}
-# What decompresses each compression, from stdin to stdout.
-UNPACK = {"gz": "gzip -dc", "bz2": "bzip2 -dc", "zst": "zstd -dc"}
 
 
 def install(
@@ -412,7 +410,7 @@ def _unpack_stream(inflate: str, compression: str, size: int) -> list[str]:
 
     if inflate:  # (a stream cut short does not decompress either: it cannot be told from damage here)
         return [
-            f'x=0; {{ {INFLATE[inflate]}; echo $? > "$tmp/.z"; }} | tee "$tmp/.payload" | {untar} || x=$?',
+            f'x=0; {{ {DECOMPRESS[inflate]}; echo $? > "$tmp/.z"; }} | tee "$tmp/.payload" | {untar} || x=$?',
             *verdict("the package does not decompress (is its archive in vtool's package store damaged, or was the transfer cut short?)"),
             '[ "$x" = 0 ] || exit "$x"',
             incomplete,
@@ -422,7 +420,7 @@ def _unpack_stream(inflate: str, compression: str, size: int) -> list[str]:
     # tee -p goes on keeping the stream when the decompressor stops at damage: the copy is
     # complete, so the damage is the archive's, not the transfer's.
     return [
-        f'x=0; tee -p "$tmp/.payload" | {{ {UNPACK[compression]}; echo $? > "$tmp/.z"; }} | {untar} || x=$?',
+        f'x=0; tee -p "$tmp/.payload" | {{ {DECOMPRESS[compression]}; echo $? > "$tmp/.z"; }} | {untar} || x=$?',
         incomplete,
         *verdict(DAMAGED),
         '[ "$x" = 0 ] || exit "$x"',
@@ -444,7 +442,7 @@ def receive(payload: str, size: int, inflate: str = "") -> str:
             f'if [ -f {f} ] && [ "$(stat -c %s {f})" = {int(size)} ]; then cat >/dev/null; exit 0; fi',
             f'part="$pk/."{q(payload)}".part.$$"',
             "trap 'rm -f \"$part\"' EXIT",
-            f'{INFLATE[inflate]} > "$part"'
+            f'{DECOMPRESS[inflate]} > "$part"'
             + (
                 " || { echo \"decompressing the package failed (a damaged archive in vtool's package store, "
                 'or a full disk on the node)" >&2; exit 4; }'
@@ -484,7 +482,7 @@ def fan(me: str, payload: str, size: int, rest: Sequence[str], after: str = "", 
     import base64
 
     code = base64.b64encode(after.encode()).decode() if after else "-"
-    check = INFLATE[inflate].split()[0] if inflate else ("zstd" if payload.endswith(".zst") else "cat")
+    check = DECOMPRESS[inflate].split()[0] if inflate else ("zstd" if payload.endswith(".zst") else "cat")
     args = (me, payload, int(size), code, check, *rest)
     return " ".join(["exec", "sh", '"$HOME/.vtool/bin/vtool-fan"', *(q(x) for x in args)])
 
