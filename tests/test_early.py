@@ -233,9 +233,9 @@ def test_a_share_nobody_takes_changes_nothing(venv: Env) -> None:
         deaf.close()
 
 
-def test_vtool_connect_reports_a_failed_hand_over_as_ssh_would(tmp_path: Path) -> None:
-    """When ssh cannot take the socket (vtool-connect's stdout is no socket), the helper
-    fails with ssh's own wording, in the log ssh reads, and gives no copy to anyone."""
+def _helper_and_server(tmp_path: Path) -> tuple[str, socket.socket]:
+    """vtool-connect built into ``tmp_path`` (skips without a C compiler), and a listening
+    socket on 127.0.0.1 for it to connect to."""
     from vtool.ssh import connect_helper
 
     helper = connect_helper(tmp_path / "bin")
@@ -246,6 +246,13 @@ def test_vtool_connect_reports_a_failed_hand_over_as_ssh_would(tmp_path: Path) -
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
+    return helper, server
+
+
+def test_vtool_connect_reports_a_failed_hand_over_as_ssh_would(tmp_path: Path) -> None:
+    """When ssh cannot take the socket (vtool-connect's stdout is no socket), the helper
+    fails with ssh's own wording, in the log ssh reads, and gives no copy to anyone."""
+    helper, server = _helper_and_server(tmp_path)
     share = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     share.bind(str(tmp_path / "share"))
     share.listen(1)
@@ -271,3 +278,43 @@ def test_vtool_connect_reports_a_failed_hand_over_as_ssh_would(tmp_path: Path) -
     finally:
         server.close()
         share.close()
+
+
+def test_vtool_connect_reads_its_command_line_when_it_is_the_shell_of_ssh(tmp_path: Path) -> None:
+    """ssh runs its ProxyCommand as ``$SHELL -c "exec COMMAND"``, and vtool gives ssh
+    vtool-connect as $SHELL: it splits the words as sh would (quoted paths with blanks and
+    quotes included) and hands the connection over; a line it did not write is refused."""
+    import shlex
+
+    helper, server = _helper_and_server(tmp_path)
+    port = server.getsockname()[1]
+    log = tmp_path / "a dir" / "it's \"the\" log"
+    log.parent.mkdir()
+    ours, theirs = socket.socketpair()
+    try:
+        line = " ".join(shlex.quote(w) for w in (helper, "127.0.0.1", str(port), "5", str(log)))
+        r = subprocess.run([helper, "-c", f"exec {line}"], stdout=theirs, timeout=30, check=False)
+        assert r.returncode == 0
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        with socket.socket(fileno=fds[0]) as got:
+            accepted, _ = server.accept()
+            with accepted:
+                got.sendall(b"x")
+                assert accepted.recv(1) == b"x"
+        assert not log.exists()
+        # Unreachable: the reason goes to the log named in the quoted word.
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+        closed.close()
+        line = " ".join(shlex.quote(w) for w in (helper, "127.0.0.1", str(dead), "5", str(log)))
+        r = subprocess.run([helper, "-c", f"exec {line}"], stdout=theirs, timeout=30, check=False)
+        assert r.returncode == 255 and "Connection refused" in log.read_text()
+        for bad in (f"{line}", f"exec {line}; touch {tmp_path}/x", f"exec {helper} 127.0.0.1 $PORT 5", "exec 'a"):
+            r = subprocess.run([helper, "-c", bad], stdout=theirs, stderr=subprocess.PIPE, timeout=30, check=False)
+            assert r.returncode == 2 and b"not a command it runs" in r.stderr, bad
+        assert not (tmp_path / "x").exists()
+    finally:
+        server.close()
+        ours.close()
+        theirs.close()

@@ -165,6 +165,25 @@ def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp
     assert p.stdout is not None and p.stdout.read() == b"waited\n"
     assert p.stdin is not None
     p.stdin.close()
+    # One program with plain arguments is started by exec under bash (no fork for it): it is
+    # then the session's shell itself, and is stopped all the same; its exit code and
+    # output are its own, it has the node's variables, and a missing one is exit 127.
+    p = start("sleep 1304")
+    wait_for(lambda: pids_whose_cmdline_has("sleep 1304"))
+    if shell == "bash":  # (the watcher, a fork of the shell, has the wrapper's text as its cmdline)
+        assert wait_for(lambda: Path(f"/proc/{p.pid}/cmdline").read_bytes() == b"sleep\x001304\x00")
+    assert p.stdin is not None
+    p.stdin.close()
+    assert p.wait(timeout=20) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    wait_for(lambda: not pids_whose_cmdline_has("sleep 1304"))
+    (tmp_path / ".vtool").mkdir(exist_ok=True)
+    (tmp_path / ".vtool" / "cluster.env").write_text("VTOOL_NODE_INDEX=5\n")
+    p = start("printenv VTOOL_NODE_INDEX")
+    assert p.wait(timeout=20) == 0 and p.stdout is not None and p.stdout.read() == b"5\n"
+    p = start("sh -c exit")
+    assert p.wait(timeout=20) == 0
+    p = start("no-such-program-1305 --x=1")
+    assert p.wait(timeout=20) == 127 and p.stderr is not None and b"no-such-program-1305" in p.stderr.read()
     # What a finished command left running in the background stays when vtool's end closes
     # (as under plain ssh); the watcher itself leaves.
     p = start("sleep 1303 >/dev/null 2>&1 </dev/null &")
@@ -319,3 +338,28 @@ def test_ctrl_c_stops_a_session_that_is_still_opening(tmp_path: Path) -> None:
         ssh._untrack(p)
         ssh.stopping.clear()
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+@pytest.mark.parametrize(
+    ("command", "one"),
+    [
+        ("hostname", True),
+        ("python3 train.py --seed=3 -o out/run_1.csv", True),
+        ("  nproc  ", True),
+        ("echo hi", False),  # a builtin: exec would run another program
+        ("cd /tmp", False),
+        ("X=1 env", False),
+        ("ls *.py", False),
+        ("a; b", False),
+        ("a && b", False),
+        ("cat <in", False),
+        ("echo $HOME", False),
+        ("printf '%s' x", False),
+        ("a\tb", False),
+        ("a\nb", False),
+        ("~/bin/x", False),
+        ("", False),
+    ],
+)
+def test_one_program_is_recognised_conservatively(command: str, one: bool) -> None:
+    assert remote._one_program(command) is one

@@ -145,6 +145,7 @@ class Session:
         """Write down how to open each node's connection, for the next command's start-up
         (vtool.early)."""
         nodes: dict[int, tuple[str, list[str]]] = {}
+        connector = None
         for node in info.nodes:
             if node.state != "running" or len(nodes) >= early.RECORD_NODES:
                 continue
@@ -155,8 +156,9 @@ class Session:
             opener = c.opener_argv()
             if opener is not None and c.control_path is not None:
                 nodes[node.index] = (c.control_path, opener)
+                connector = connector or c.connector
         paths = [str(self.paths.known_hosts), str(self.paths.nodes)]
-        early.remember(paths, self.settings.concurrency, nodes)
+        early.remember(paths, self.settings.concurrency, nodes, connector)
 
     def record(self, verb: str, result: GroupResult) -> GroupResult:
         """Remember which nodes failed ``verb`` (for --only-failed)."""

@@ -7,7 +7,11 @@
  *
  * With VTOOL_CONNECT_SHARE (a listening socket's path) and VTOOL_CONNECT_AS (a name) in its
  * environment, it also gives a copy of the connected socket, with that name, to the vtool
- * process listening there (vtool.early), best effort. */
+ * process listening there (vtool.early), best effort.
+ *
+ * ssh starts a ProxyCommand as `$SHELL -c "exec COMMAND"`. vtool gives ssh this program as its
+ * $SHELL, so it is also run as `vtool-connect -c "exec WORDS"`: it splits WORDS itself (as sh
+ * would: blanks, '...', "...", backslashes) and saves the start of a shell per connection. */
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -54,7 +58,57 @@ static void share(int s) {
     close(u);
 }
 
+/* Split a ProxyCommand line (see the top) into at most `max` words, in place; -1 if it is not
+ * one vtool wrote (an unmatched quote, a shell word it never writes, too many words). */
+static int split(char *line, char **words, int max) {
+    char *r = line, *w = line;
+    int n = 0;
+    while (*r) {
+        while (*r == ' ' || *r == '\t') r++;
+        if (!*r) break;
+        if (n == max) return -1;
+        words[n++] = w;
+        while (*r && *r != ' ' && *r != '\t') {
+            if (strchr("|&;<>()$`*?[]#~=\n", *r) && !(w > words[n - 1] && strchr("=~#", *r))) return -1;
+            if (*r == '\'') {
+                char *end = strchr(r + 1, '\'');
+                if (!end) return -1;
+                memmove(w, r + 1, (size_t)(end - r - 1));
+                w += end - r - 1;
+                r = end + 1;
+            } else if (*r == '"') {
+                for (r++; *r != '"'; r++) {
+                    if (!*r || *r == '$' || *r == '`') return -1;
+                    if (*r == '\\' && r[1] && strchr("\"\\$`", r[1])) r++;
+                    *w++ = *r;
+                }
+                r++;
+            } else if (*r == '\\') {
+                if (!r[1]) return -1;
+                *w++ = r[1];
+                r += 2;
+            } else {
+                *w++ = *r++;
+            }
+        }
+        if (*r) r++;
+        *w++ = 0;
+    }
+    return n;
+}
+
 int main(int argc, char **argv) {
+    char *words[6];
+    if (argc == 3 && strcmp(argv[1], "-c") == 0) {  /* run as ssh's $SHELL (see the top) */
+        int n = strncmp(argv[2], "exec ", 5) == 0 ? split(argv[2] + 5, words, 5) : -1;
+        if (n < 4) {
+            fprintf(stderr, "vtool-connect: not a command it runs: %s\n", argv[2]);
+            return 2;
+        }
+        words[n] = NULL;
+        argc = n;
+        argv = words;
+    }
     if (argc < 4) return 2;
     const char *host = argv[1], *port = argv[2], *log = argc > 4 ? argv[4] : NULL;
     int timeout_ms = atoi(argv[3]) * 1000;

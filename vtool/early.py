@@ -200,7 +200,7 @@ def _start(args: list[str]) -> int:
     import subprocess
 
     started = 0
-    env = proxy_env()
+    env = proxy_env(record.get("connector"))
     for i in wanted[: min(int(record["concurrency"]), EARLY_MAX)]:
         sock, argv = nodes[i]["socket"], nodes[i]["argv"]
         if os.path.exists(sock) or sock in _started:
@@ -223,11 +223,15 @@ def _start(args: list[str]) -> int:
     return started
 
 
-def proxy_env() -> dict[str, str]:
-    """ssh's environment when vtool-connect is its ProxyCommand: a fast $SHELL to start it
-    with, and no VTOOL_CONNECT_* (only ``start`` asks vtool-connect for a copy)."""
+def proxy_env(connector: str | None) -> dict[str, str]:
+    """ssh's environment when vtool-connect is its ProxyCommand, and no VTOOL_CONNECT_* (only
+    ``start`` asks vtool-connect for a copy). ssh starts a ProxyCommand with ``$SHELL -c``, and
+    its only other uses of $SHELL (LocalCommand, KnownHostsCommand) are options vtool never
+    gives: $SHELL is vtool-connect itself, which reads the command line as a shell would (one
+    program started per connection, not two: 0.75 ms of CPU each here), or /bin/sh, which
+    starts faster than a login shell like bash."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VTOOL_CONNECT_")}
-    env["SHELL"] = "/bin/sh"
+    env["SHELL"] = connector or "/bin/sh"
     return env
 
 
@@ -430,10 +434,13 @@ def contacted() -> bool:
     return _contacted
 
 
-def remember(stamp_paths: list[str], concurrency: int, nodes: dict[int, tuple[str, list[str]]]) -> None:
+def remember(
+    stamp_paths: list[str], concurrency: int, nodes: dict[int, tuple[str, list[str]]], connector: str | None
+) -> None:
     """Write the record ``start`` reads for this command's context: per node index (socket,
-    the ``ssh`` command that opens that shared connection in the background). Only when the
-    record changed; never raises."""
+    the ``ssh`` command that opens that shared connection in the background), and the
+    vtool-connect those commands use (``proxy_env``). Only when the record changed; never
+    raises."""
     global _contacted
     _contacted = True
     if _key_now is None:
@@ -444,6 +451,7 @@ def remember(stamp_paths: list[str], concurrency: int, nodes: dict[int, tuple[st
             "stamp_paths": stamp_paths,
             "stamps": _stamp(stamp_paths),
             "concurrency": concurrency,
+            "connector": connector,
             "nodes": {str(i): {"socket": s, "argv": a} for i, (s, a) in sorted(nodes.items())[:RECORD_NODES]},
         }
         text = json.dumps(data, sort_keys=True)

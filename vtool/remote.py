@@ -21,6 +21,7 @@ On each node vtool keeps::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from .models import Node, Release
@@ -519,6 +520,32 @@ def start(release: Release, launch_command: str, use_screen: bool) -> str:
     )
 
 
+# What a command's first word must not be for ``exec`` to run it as the shell would: the
+# builtins and reserved words of bash (which ``exec`` cannot run, or would run as another
+# program of the same name).
+_SHELL_WORDS = frozenset(
+    ". : [ [[ ]] { } ! alias bg bind break builtin caller case cd command compgen complete compopt continue "
+    "coproc declare dirs disown do done echo elif else enable esac eval exec exit export false fc fg fi for "
+    "function getopts hash help history if in jobs kill let local logout mapfile popd printf pushd pwd read "
+    "readarray readonly return select set shift shopt source suspend test then time times trap true type "
+    "typeset ulimit umask unalias unset until wait while".split()
+)
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_./:,+@%-][A-Za-z0-9_./:,+@%=-]*")
+
+
+def _one_program(command: str) -> bool:
+    """Whether ``command`` is one program with plain arguments (``python3 train.py --seed=3``):
+    no quoting, expansion, redirection, assignment or second command, and no shell builtin."""
+    words = command.split(" ")
+    words = [w for w in words if w]
+    return (
+        bool(words)
+        and words[0] not in _SHELL_WORDS
+        and "=" not in words[0]
+        and all(_PLAIN_WORD.fullmatch(w) for w in words)
+    )
+
+
 def supervised(command: str) -> str:
     """Run ``command`` as ``ssh node COMMAND`` would (evaluated by the session's login shell),
     with the node's VTOOL_* variables set (as the launch script has them) and stdin empty,
@@ -538,20 +565,36 @@ def supervised(command: str) -> str:
     child, say), the command runs as before in a ``$SHELL -c`` of its own, in a group made by
     ``setsid``, which the watcher signals.
 
+    bash starts the watcher with one fork and ``disown`` (then no ``wait`` of the command's
+    waits for it), and one program with plain arguments (``_one_program``) with ``exec``, not
+    in a fork of its own; other shells, which have no ``disown``, fork twice for the watcher.
+    Measured on one local node, 300 ``hostname`` sessions through its master: the wrapper added
+    1.0 ms of CPU to the 4.5 ms of a bare ``hostname``, now 0.7 ms.
+
     Measured against running every command in a ``setsid``/``set -m`` group of its own (the
     wrapper before), in one process on 32 warm local nodes: ``hostname`` 0.122 s instead of
     0.138 s, and 0.101 s without any wrapper (11 runs each, interleaved, median)."""
     shell = '"${SHELL:-/bin/sh}"'
+    # bash starts the last command of ``bash -c`` in its own process, but forks for one that
+    # eval runs: one program (the usual case) is started with exec instead, in bash.
+    run = 'eval "unset vtool_c; $vtool_c"'
+    if _one_program(command):
+        run = f'if [ -n "${{BASH_VERSION-}}" ]; then unset vtool_c; exec {command}; fi; {run}'
     drain = "while read -r _; do :; done"  # until vtool's end closes (a builtin: no program starts)
+    watch = f"{drain}; kill -0 $$ 2>/dev/null && kill -TERM -$$"
     return "\n".join(
         [
             "vtool_c=" + q(command),
             'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi',
             "exec 3<&0",
             "if kill -0 -$$ 2>/dev/null; then",
-            f"  ( ({drain}; kill -0 $$ 2>/dev/null && kill -TERM -$$) <&3 >/dev/null 2>&1 & )",
+            '  if [ -n "${BASH_VERSION-}" ]; then',
+            f"    ({watch}) <&3 >/dev/null 2>&1 & disown $!",
+            "  else",
+            f"    ( ({watch}) <&3 >/dev/null 2>&1 & )",
+            "  fi",
             "  exec </dev/null 3<&-",
-            '  eval "unset vtool_c; $vtool_c"',
+            f"  {run}",
             "  exit",
             "fi",
             "if command -v setsid >/dev/null 2>&1; then vtool_s=setsid; else vtool_s=; fi",

@@ -188,9 +188,8 @@ class SshClient:
         return [self.program, "-F", "/dev/null", *opts, "-f", "-N", "-T", "--", self.target.host]
 
     def env(self) -> dict[str, str] | None:
-        """The environment of this client's ssh processes: ssh runs its ProxyCommand
-        (vtool-connect) with $SHELL, and /bin/sh starts faster than a login shell like bash."""
-        return early.proxy_env() if self.connector is not None else None
+        """The environment of this client's ssh processes (early.proxy_env)."""
+        return early.proxy_env(self.connector) if self.connector is not None else None
 
     def _connector_options(self, log: str | None) -> list[str]:
         if self.connector is None:
@@ -399,27 +398,6 @@ class SshClient:
         timeout: float | None,
         on_line: LineCallback | None,
     ) -> CommandResult:
-        out: list[str] = []
-        err: list[str] = []
-
-        def pump(stream: IO[bytes], sink: list[str], name: str) -> None:
-            callback = on_line
-            for raw in iter(stream.readline, b""):
-                line = raw.decode(errors="replace")
-                sink.append(line)
-                if callback is not None:
-                    try:
-                        callback(name, line.rstrip("\n"))
-                    except OSError:  # the reader went away (`vtool run ... | head`): keep draining
-                        callback = None
-            stream.close()
-
-        threads = [
-            threading.Thread(target=pump, args=(proc.stdout, out, "out"), daemon=True),
-            threading.Thread(target=pump, args=(proc.stderr, err, "err"), daemon=True),
-        ]
-        for t in threads:
-            t.start()
         if input is not None and not pass_file:
 
             def feed() -> None:
@@ -431,21 +409,20 @@ class SshClient:
                     pass
 
             threading.Thread(target=feed, daemon=True).start()
+        deadline = time.monotonic() + timeout if timeout else None
         try:
-            rc = proc.wait(timeout=timeout if timeout else None)
+            assert proc.stdout is not None and proc.stderr is not None
+            out, err = _collect(proc.stdout, proc.stderr, on_line, deadline)
+            rc = proc.wait(timeout=None if deadline is None else max(0.001, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            for t in threads:
-                t.join(1)
             raise NodeError(f"timed out after {timeout:g}s") from None
         except BaseException:
             proc.kill()
             proc.wait()
             raise
-        for t in threads:
-            t.join()
-        return CommandResult(rc, "".join(out), "".join(err))
+        return CommandResult(rc, out, err)
 
     def popen_stdout(self, command: str) -> Stream:
         """Start ``command`` and give its stdout as a pipe (for streams such as a tar archive).
@@ -481,6 +458,56 @@ class SshClient:
             _raise_for_ssh_error(log, self.target)
             raise NodeError(_ssh_error_line(log) or "SSH failed (exit 255)")
         return CommandResult(rc, "", err)
+
+
+def _collect(
+    stdout: IO[bytes], stderr: IO[bytes], on_line: LineCallback | None, deadline: float | None
+) -> tuple[str, str]:
+    """Read a command's stdout and stderr until both end, in this thread (no thread per
+    stream: with one per node, starting two more per command cost more than the reading),
+    handing ``on_line`` each complete line as it arrives. Raises subprocess.TimeoutExpired
+    at ``deadline`` (time.monotonic()). Both are closed at the end."""
+    import select
+
+    names = {stdout.fileno(): "out", stderr.fileno(): "err"}
+    got: dict[str, list[str]] = {"out": [], "err": []}
+    pending: dict[str, list[bytes]] = {"out": [], "err": []}  # the line read so far
+    callback = on_line
+    poller = select.poll()
+    for fd in names:
+        poller.register(fd, select.POLLIN)
+    try:
+        while names:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+            events = poller.poll(wait)
+            if deadline is not None and time.monotonic() >= deadline:  # (also for a chatty command)
+                raise subprocess.TimeoutExpired("ssh", 0)
+            for fd, _ in events:
+                name = names[fd]
+                chunk = os.read(fd, 65536)
+                if not chunk:  # the end: a last line may have no newline
+                    poller.unregister(fd)
+                    del names[fd]
+                    lines = [b"".join(pending[name])] if pending[name] else []
+                elif b"\n" in chunk:
+                    *complete, tail = (b"".join(pending[name]) + chunk).split(b"\n")
+                    pending[name] = [tail] if tail else []
+                    lines = [ln + b"\n" for ln in complete]
+                else:
+                    pending[name].append(chunk)
+                    continue
+                for raw in lines:
+                    line = raw.decode(errors="replace")
+                    got[name].append(line)
+                    if callback is not None:
+                        try:
+                            callback(name, line.rstrip("\n"))
+                        except OSError:  # the reader went away (`vtool run ... | head`): keep reading
+                            callback = None
+    finally:
+        stdout.close()
+        stderr.close()
+    return "".join(got["out"]), "".join(got["err"])
 
 
 class Stream:
