@@ -308,28 +308,38 @@ def test_a_damaged_archive_is_refused_by_the_nodes(venv: Env, nodes: str, zstd: 
 
 @pytest.mark.parametrize("perl", [True, False])
 def test_a_node_copies_the_stream_to_its_children_with_or_without_perl(tmp_path: Path, perl: bool) -> None:
-    """FAN's ``spread``: stdin into the node's own copy and every child's fifo, whole, with
+    """FAN's ``keep``: stdin into the node's own copy and every child's fifo, whole, with
     perl (1 MB blocks) or, on a node without perl, with tee -p. A child that stops reading
-    (here after 1000 bytes) is dropped and the others still get everything."""
+    (here after 1000 bytes) is dropped and the others still get everything. The node keeps
+    its copy (without the trailing "ok") only when it has the expected size and that "ok"."""
     import subprocess
 
-    start = remote.FAN.index("spread() {")
-    spread = remote.FAN[start : remote.FAN.index("\n}\n", start) + 3]
+    start = remote.FAN.index("keep() {")
+    keep = remote.FAN[start : remote.FAN.index("\n}\n", start) + 3]
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    for tool in ["tee", "cat", "head", "mkfifo", *(["perl"] if perl else [])]:
+    for tool in ["tee", "cat", "head", "mkfifo", "stat", "tail", "truncate", "mv", *(["perl"] if perl else [])]:
         found = shutil.which(tool)
         assert found, tool
         os.symlink(found, bindir / tool)
     data = os.urandom(3_000_000)
-    (tmp_path / "in").write_bytes(data)
-    script = spread + "mkfifo a b\ncat a > got-a &\nhead -c 1000 b > got-b &\nspread out a b < in\nwait\n"
-    r = subprocess.run(
-        ["/bin/sh", "-c", script], cwd=tmp_path, env={"PATH": str(bindir)}, capture_output=True, timeout=60, check=False
-    )
-    assert (tmp_path / "out").read_bytes() == data, r
-    assert (tmp_path / "got-a").read_bytes() == data, r
-    assert (tmp_path / "got-b").read_bytes() == data[:1000], r
+    cases = {"whole": (data + b"ok", True), "no ok": (data + b"no", False), "short": (data[:-1] + b"ok", False)}
+    for name, (stream, kept) in cases.items():
+        (tmp_path / "in").write_bytes(stream)
+        for f in ("got-a", "got-b", "part", "final"):
+            (tmp_path / f).unlink(missing_ok=True)
+        script = keep + f"mkfifo a b 2>/dev/null\ncat a > got-a &\nhead -c 1000 b > got-b &\nkeep part final {len(data)} a b < in\nrc=$?\nwait\nexit $rc\n"
+        r = subprocess.run(
+            ["/bin/sh", "-c", script], cwd=tmp_path, env={"PATH": str(bindir)}, capture_output=True, timeout=60, check=False
+        )
+        assert (tmp_path / "got-a").read_bytes() == stream, (name, r)
+        assert (tmp_path / "got-b").read_bytes() == stream[:1000], (name, r)
+        if kept:
+            assert r.returncode == 0 and (tmp_path / "final").read_bytes() == data, (name, r)
+            assert not (tmp_path / "part").exists(), name
+        else:
+            assert r.returncode != 0 and not (tmp_path / "final").exists(), (name, r)
+            assert (tmp_path / "part").read_bytes() == stream, (name, r)  # (FAN's exit trap removes it)
 
 
 def _node_dir(env: Env, index: int) -> Path:
@@ -478,3 +488,37 @@ def test_a_base_changed_on_a_node_gets_the_whole_package(cluster3: Env) -> None:
     assert r.stdout.count("package changes sent)") == 2
     for i in range(3):
         assert _tree(_release_dir(cluster3, i, "proj")) == _tree(pkg)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shell", ["dash", "bash"])
+def test_prepare_writes_the_cluster_files_and_the_key_with_shell_builtins(tmp_path: Path, shell: str) -> None:
+    """prepare, run by the node's shell in an empty home: the files land in place with the
+    modes ssh wants, the private key (on stdin, last line without a newline) is copied
+    whole, and the cluster key is added to authorized_keys once, after a last line that
+    had no newline (which keeps its own line)."""
+    import subprocess
+
+    if not shutil.which(shell):
+        pytest.skip(f"{shell} is not installed")
+    nodes = [Node("c", i, f"id{i}", "local", "127.0.0.1", 2200 + i, "u", f"10.0.0.{i}") for i in range(3)]
+    pub = "ssh-ed25519 AAAAC3Nza-cluster c-relay"
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----"
+    cmd = remote.prepare("c", nodes[1], nodes, {}, None, trust=(pub, "vtool-c-0 ssh-ed25519 AAAA\n", "Host c-0\n"))
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAAother user@laptop")  # no newline
+    for _ in range(2):  # the second time changes nothing
+        r = subprocess.run([shutil.which(shell) or shell, "-c", cmd], input=key.encode(), env={"HOME": str(home), "PATH": os.environ["PATH"]},
+                           capture_output=True, timeout=30, check=False)
+        assert r.returncode == 0, r.stderr
+    d = home / ".vtool"
+    assert (d / "relay_key").read_text() == key + "\n"
+    assert stat.S_IMODE((d / "relay_key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "cm").stat().st_mode) == 0o700
+    assert "VTOOL_NODE_INDEX=1\n" in (d / "cluster.env").read_text()
+    assert (d / "hosts").read_text() == "10.0.0.0\n10.0.0.1\n10.0.0.2\n"
+    assert (d / "bin" / "vtool-fan").read_text() == remote.FAN
+    assert (d / "bin" / "vtool-run").read_text() == remote.RUN_WRAPPER
+    assert "ControlPath" in (d / "ssh_config").read_text() and (d / "ssh_config").read_text().endswith("Host c-0\n")
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+    assert (home / ".ssh" / "authorized_keys").read_text() == f"ssh-ed25519 AAAAother user@laptop\n{pub}\n"

@@ -802,10 +802,12 @@ def _inject_release(
         full = _full_payload(release, use_zstd)
         collect(_send_payload(s, whole, full, holders=holders, progress=progress, what=release.dirname), "", [])
 
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
     def start(node: Node) -> dict[str, Any]:
         command = s.pm.hook.vtool_launch_command(cluster=info, node=node, release=release, settings=s.settings)
         command = command or f"./{release.launcher}"
-        r = s.client(node).run(remote.start(release, command, s.settings.inject_screen), timeout=timeout)
+        r = s.client(node).run(remote.start(release, command, s.settings.inject_screen, stamp), timeout=timeout)
         if r.exit_code != 0:
             raise NodeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"start failed ({r.exit_code})")
         mode = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""

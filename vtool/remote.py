@@ -32,12 +32,12 @@ RUN_WRAPPER = r"""#!/bin/sh
 # written by vtool: runs a release's launch command and records pid, output and exit code
 run=$1
 rel=$2
+cmd=$3
 echo $$ > "$run/pid"
 cd "$rel" || { echo 127 > "$run/exit"; exit 127; }
 set -a
 . "$HOME/.vtool/cluster.env"
 set +a
-cmd=$(cat "$run/command")
 { sh -c "$cmd" </dev/null; echo $? > "$run/exit.tmp"; mv -f "$run/exit.tmp" "$run/exit"; } 2>&1 | tee -a "$run/log"
 """
 
@@ -60,7 +60,7 @@ FAN = r"""#!/bin/sh
 # keep their copy only with that "ok".
 me=$1; p=$2; size=$3; after=$4; z=$5; shift 5
 pk="$HOME/.vtool/packages"
-mkdir -p "$pk" || exit 4
+[ -d "$pk" ] || mkdir -p "$pk" || exit 4
 part="$pk/.$p.part.$$"
 kids=
 trap 'kill $kids 2>/dev/null; rm -f "$part" "$part.after" "$part.t" "$pk/.$p.to.$$".*' EXIT
@@ -87,12 +87,15 @@ for c in a b; do
   kids="$kids $!"
   outs="$outs $f"
 done
-spread() {  # stdin into the file $1 and the fifos after it; a reader that is gone is dropped
-  if command -v perl >/dev/null 2>&1; then  # in blocks of up to 1 MB: tee's are 8 KB
-    perl -e '$SIG{PIPE} = "IGNORE"; my @o;
-      for my $p (@ARGV) { open(my $h, ">", $p) or die "$p: $!\n"; push @o, $h }
-      my ($b, $n);
+keep() {  # stdin into $1 and the fifos after $3 as it arrives (a reader that is gone is
+  # dropped); then $1 becomes $2 if it is $3 bytes and "ok" (which it loses). Exit 0 if kept.
+  if command -v perl >/dev/null 2>&1; then  # in blocks of up to 1 MB (tee's are 8 KB)
+    perl -e '$SIG{PIPE} = "IGNORE"; my ($part, $final, $size, @fifos) = @ARGV; my @o;
+      for my $p ($part, @fifos) { open(my $h, ">", $p) or die "$p: $!\n"; push @o, $h }
+      my ($b, $n, $got, $end) = ("", 0, 0, "");
       while ($n = sysread(STDIN, $b, 1 << 20)) {
+        $got += $n;
+        $end = substr($end . substr($b, -2), -2);
         for my $i (0 .. $#o) {
           my $off = 0;
           while ($o[$i] && $off < $n) {
@@ -101,28 +104,33 @@ spread() {  # stdin into the file $1 and the fifos after it; a reader that is go
           }
         }
       }
-      defined $n or die "$!\n"' "$@"
+      defined $n or die "$!\n";
+      exit 3 unless $got == $size + 2 && $end eq "ok";
+      truncate($o[0], $size) && close($o[0]) && rename($part, $final) or die "$part: $!\n"' "$@"
   else
-    f=$1; shift; tee -p "$@" > "$f"
+    kp=$1; kf=$2; ks=$3; shift 3
+    tee -p "$@" > "$kp"
+    [ "$(stat -c %s "$kp")" = $((ks + 2)) ] && [ "$(tail -c 2 "$kp")" = ok ] &&
+      truncate -s "$ks" "$kp" && mv -f "$kp" "$kf"
   fi
 }
+k="$pk/$p"
 case $z in
-  -) spread "$part" $outs ;;
-  cat) { cat && printf ok; } | spread "$part" $outs ;;
+  -) keep "$part" "$k" "$size" $outs ;;
+  cat) { cat && printf ok; } | keep "$part" "$k" "$size" $outs ;;
   zstd) mkfifo "$part.t" || exit 4
-    { zstd -tq < "$part.t" & t=$!; tee "$part.t" && wait $t && printf ok; } | spread "$part" $outs ;;
-  *) { $z -dc && printf ok; } | spread "$part" $outs ;;
+    { zstd -tq < "$part.t" & t=$!; tee "$part.t" && wait $t && printf ok; } | keep "$part" "$k" "$size" $outs ;;
+  *) { $z -dc && printf ok; } | keep "$part" "$k" "$size" $outs ;;
 esac
-rc=4
-if [ "$(stat -c %s "$part")" = $((size + 2)) ] && [ "$(tail -c 2 "$part")" = ok ] &&
-   truncate -s "$size" "$part" && mv -f "$part" "$pk/$p"; then
+rc=$?
+if [ $rc = 0 ]; then
   echo "vtool-got $me"
-  rc=0
-  if [ "$after" != - ]; then
-    printf %s "$after" | base64 -d > "$part.after" && (sh "$part.after" </dev/null); x=$?
-    rm -f "$part.after"
+  if [ "$after" != - ]; then  # (read in a subshell: no second sh started)
+    printf %s "$after" | base64 -d > "$part.after" && (. "$part.after") </dev/null; x=$?
     echo "vtool-unpacked $me $x"
   fi
+else
+  rc=4
 fi
 wait
 kids=
@@ -211,12 +219,12 @@ def fan_children(names: Sequence[str]) -> dict[str, list[str]]:
 
 def _control_lines(d: str, longest_name: int) -> str:
     """Shell: set $ctl to ssh_config lines that make the nodes' SSH use shared connections
-    (``ControlPath``), when the socket path fits (a Unix socket name is at most 107 bytes,
-    and ssh adds 17 while it creates one); else to nothing."""
+    (``ControlPath`` in $cm, which the caller creates), when the socket path fits (a Unix
+    socket name is at most 107 bytes, and ssh adds 17 while it creates one); else to nothing."""
     return (
         f'cm="{d}/cm"; ctl=; '
         f"if [ $((${{#cm}} + {1 + longest_name + 17})) -le 104 ]; then "
-        '(umask 077; mkdir -p "$cm") && ctl="  ControlMaster no\n  ControlPath $cm/%n\n"; fi'
+        'ctl="  ControlMaster no\n  ControlPath $cm/%n\n"; fi'
     )
 
 
@@ -253,39 +261,47 @@ def prepare(
     d = "$HOME/.vtool"
     # Every file is written into a new folder first (shell built-ins only), then moved into
     # place in one `mv` per folder (each file replaced atomically): a few programs started
-    # per node instead of two per file, which counts on a node that is also busy.
+    # per node instead of two per file, which counts on a node that is also busy (each
+    # program started costs about 1 ms of CPU on the machine the bench runs on).
     s = "$st"
-    parts = [
-        "set -e",
-        "umask 022",
-        f'st="{d}/.prepare.$$"',
-        f'mkdir -p "{d}/releases" "{d}/runs" "{d}/bin" "{s}/bin"',
+    folders = f'"{d}/releases" "{d}/runs" "{d}/bin" "{d}/packages" "{s}"'
+    parts = ["set -e", "umask 022", f'st="{d}/.prepare.$$"']
+    if trust is not None:
+        parts.append(_control_lines(d, max((len(n.name) for n in nodes), default=0)))
+        folders += ' ${ctl:+"$cm"}'
+    parts += [
+        f"mkdir -p -m 700 {folders}",
         """trap 'rm -rf "$st"' EXIT""",
         f'printf %s {q(env_file(cluster, node, nodes, extra_env))} > "{s}/cluster.env"',
         f'printf %s {q(hosts)} > "{s}/hosts"',
         f'printf %s {q(others)} > "{s}/other_hosts"',
         f'printf %s {q(table)} > "{s}/nodes"',
-        f'printf %s {q(RUN_WRAPPER)} > "{s}/bin/vtool-run"',
-        f'printf %s {q(FAN)} > "{s}/bin/vtool-fan"',
+        f'printf %s {q(RUN_WRAPPER)} > "{s}/vtool-run"',
+        f'printf %s {q(FAN)} > "{s}/vtool-fan"',
     ]
     if trust is not None:
         pub, known, config = trust
         parts += [
-            f'(umask 077; cat > "{s}/relay_key"; printf %s {q(known)} > "{s}/known_hosts")',
-            _control_lines(d, max((len(n.name) for n in nodes), default=0)),
+            "umask 077",  # (the key on stdin, copied by the shell: no program started)
+            f'while IFS= read -r l || [ -n "$l" ]; do printf "%s\\n" "$l"; done > "{s}/relay_key"',
+            f'printf %s {q(known)} > "{s}/known_hosts"',
             f'{{ printf "Host *\\n  IdentityFile %s\\n  UserKnownHostsFile %s\\n%b" "{d}/relay_key" "{d}/known_hosts" "$ctl"; '
             f'printf %s {q(config)}; }} > "{s}/ssh_config"',
+            "umask 022",
         ]
     parts += [
-        f'chmod 755 "{s}/bin/vtool-run" "{s}/bin/vtool-fan"',
-        f'mv -f "{s}/bin/vtool-run" "{s}/bin/vtool-fan" "{d}/bin/"',
-        f'rmdir "{s}/bin"',
+        f'mv -f "{s}/vtool-run" "{s}/vtool-fan" "{d}/bin/"',
         f'mv -f "{s}/"* "{d}/"',
+        f'rmdir "{s}"',
+        "trap - EXIT",
     ]
     if trust is not None:
+        ak = '"$HOME/.ssh/authorized_keys"'
         parts += [
-            '[ -f "$HOME/.ssh/authorized_keys" ] || (umask 077; mkdir -p "$HOME/.ssh"; : >> "$HOME/.ssh/authorized_keys")',
-            f'grep -qxF {q(pub)} "$HOME/.ssh/authorized_keys" || printf "%s\\n" {q(pub)} >> "$HOME/.ssh/authorized_keys"',
+            f'[ -f {ak} ] || (umask 077; mkdir -p "$HOME/.ssh"; : >> {ak})',
+            # Is the key there? (read by the shell; a last line without a newline gets one first)
+            f'k=; n=; while IFS= read -r l || {{ [ -n "$l" ] && n=1; }}; do [ "$l" != {q(pub)} ] || k=1; done < {ak}',
+            f'[ -n "$k" ] || printf "${{n:+\\n}}%s\\n" {q(pub)} >> {ak}',
         ]
     if release is not None:
         parts.append(
@@ -341,7 +357,7 @@ def install(
         "set -e",
         'd="$HOME/.vtool/releases"',
         'pk="$HOME/.vtool/packages"',
-        'mkdir -p "$d" "$pk"',
+        '[ -d "$d" ] && [ -d "$pk" ] || mkdir -p "$d" "$pk"',  # (prepare made them: no program started)
         f'rel="$d/"{q(release.dirname)}',
     ]
     if kept:
@@ -383,7 +399,7 @@ def install(
     parts += [
         # Another inject may have unpacked the same release meanwhile: that is as good.
         f'mv -T "$tmp/"{q(release.name)} "$rel" 2>/dev/null || [ -d "$rel" ]',
-        f'touch "$d/."{q(release.dirname)}".unpacked"',  # when it was unpacked (see base above)
+        f': > "$d/."{q(release.dirname)}".unpacked"',  # when it was unpacked (see base above)
         "true" if kept else f'mv -f "$tmp/.payload" "$pk/"{q(payload)}',
         # Keep only this release's payloads (a node passes on what it has just received).
         f'for f in "$pk"/*; do case "${{f##*/}}" in {q(release.dirname)}*) ;; *) rm -f -- "$f";; esac; done',
@@ -488,13 +504,16 @@ def fan(me: str, payload: str, size: int, rest: Sequence[str], after: str = "", 
     return " ".join(["exec", "sh", '"$HOME/.vtool/bin/vtool-fan"', *(q(x) for x in args)])
 
 
-def start(release: Release, launch_command: str, use_screen: bool) -> str:
-    """Point ~/NAME at the release (atomic switch) and start the launch command, detached."""
+def start(release: Release, launch_command: str, use_screen: bool, stamp: str) -> str:
+    """Point ~/NAME at the release (atomic switch) and start the launch command, detached.
+    ``stamp``: the run's time, YYYYmmdd-HHMMSS (UTC, the client's clock: one program fewer
+    started per node), which names its folder."""
     name = q(release.name)
+    cmd = q(launch_command)
     screen = (
         (
             "if command -v screen >/dev/null 2>&1; then "
-            f'screen -dmS vtool-{name} "$HOME/.vtool/bin/vtool-run" "$run" "$rel"; echo screen; exit 0; fi'
+            f'screen -dmS vtool-{name} sh "$HOME/.vtool/bin/vtool-run" "$run" "$rel" {cmd}; echo screen; exit 0; fi'
         )
         if use_screen
         else "true"
@@ -507,14 +526,14 @@ def start(release: Release, launch_command: str, use_screen: bool) -> str:
             f'if [ -e "$link" ] && [ ! -L "$link" ]; then echo "~/"{name}" exists and is not a vtool release link: move it away" >&2; exit 3; fi',
             f'ln -sfn "$rel" "$HOME/."{name}".vtool-tmp.$$"',
             f'mv -Tf "$HOME/."{name}".vtool-tmp.$$" "$link"',
-            'run="$HOME/.vtool/runs/$(date +%Y%m%d-%H%M%S)-$$"',
+            f'run="$HOME/.vtool/runs/"{q(stamp)}"-$$"',
             'mkdir -p "$run"',
             f'printf %s {q(release.dirname)} > "$run/release"',
-            f'printf %s {q(launch_command)} > "$run/command"',
+            f'printf %s {cmd} > "$run/command"',
             'ln -sfn "$run" "$HOME/.vtool/.current.vtool-tmp.$$"',
             'mv -Tf "$HOME/.vtool/.current.vtool-tmp.$$" "$HOME/.vtool/current"',
             screen,
-            'setsid "$HOME/.vtool/bin/vtool-run" "$run" "$rel" </dev/null >/dev/null 2>&1 &',
+            f'setsid sh "$HOME/.vtool/bin/vtool-run" "$run" "$rel" {cmd} </dev/null >/dev/null 2>&1 &',
             "echo detached",
         ]
     )
