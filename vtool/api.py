@@ -106,6 +106,8 @@ class Session:
         self._provider: Provider | None = None
         self._clients: dict[int, SshClient] = {}
         self._lock = threading.Lock()
+        self._checked_keys: set[str] = set()  # private keys whose mode was checked (client)
+        self._ssh_common: dict[str, Any] | None = None  # what every client shares (client)
         self._remember: ClusterInfo | None = None
 
     @property
@@ -174,25 +176,31 @@ class Session:
             c = self._clients.get(node.index)
             if c is None:
                 target = self.provider.ssh_target(node)
-                check_private_key(Path(target.key_file))
+                if target.key_file not in self._checked_keys:
+                    check_private_key(Path(target.key_file))
+                    self._checked_keys.add(target.key_file)
                 address = self.pm.hook.vtool_node_address(node=node, settings=self.settings)
                 if address:
                     target = replace(target, host=str(address[0]), port=int(address[1]))
                 jump = self.pm.hook.vtool_gateway(node=node, settings=self.settings)
                 if jump:
                     target = replace(target, proxy_jump=str(jump))
-                s = self.settings
+                if self._ssh_common is None:
+                    s = self.settings
+                    self._ssh_common = dict(
+                        program=s.ssh.program,
+                        persist=s.ssh.persist,
+                        connect_timeout=s.timeout.connect,
+                        kex=s.ssh.kex,
+                        ciphers=s.ssh.ciphers,
+                        control_dir=control_dir(s.home),
+                        # (in VTOOL_HOME or ~/.vtool: a project's vtool.yaml may set `home`, and a
+                        # program vtool runs must not come from a folder a project chose)
+                        connector=connect_helper(Path(early.state_home()) / "bin") if s.ssh.nodelay else None,
+                    )
                 c = SshClient(
                     target,
-                    program=s.ssh.program,
-                    persist=s.ssh.persist,
-                    connect_timeout=s.timeout.connect,
-                    kex=s.ssh.kex,
-                    ciphers=s.ssh.ciphers,
-                    control_dir=control_dir(s.home),
-                    # (in VTOOL_HOME or ~/.vtool: a project's vtool.yaml may set `home`, and a
-                    # program vtool runs must not come from a folder a project chose)
-                    connector=connect_helper(Path(early.state_home()) / "bin") if s.ssh.nodelay else None,
+                    **self._ssh_common,
                     # One shared connection per node *identity*: a leftover connection to a
                     # dead node is never reused for another node at the same address and port.
                     control_name=hashlib.sha256(

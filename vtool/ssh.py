@@ -9,6 +9,7 @@ the cheap curve25519 key exchange is a setting, ``connect`` needs a real TTY, an
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import threading
@@ -76,6 +77,9 @@ _CONNECT_FAILURES = (
 )
 
 
+_BLANK = re.compile(r"\s")
+
+
 def ssh_options(
     target: SshTarget,
     *,
@@ -120,7 +124,7 @@ def ssh_options(
     out: list[str] = []
     for key, value in opts.items():
         # Quoted as in ssh_config, so a path with spaces (a VTOOL_HOME under "My Files") works.
-        out += ["-o", f'{key}="{value}"' if any(c.isspace() for c in value) else f"{key}={value}"]
+        out += ["-o", f'{key}="{value}"' if _BLANK.search(value) else f"{key}={value}"]
     return out
 
 
