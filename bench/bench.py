@@ -1504,9 +1504,12 @@ def summary(b: Bench) -> str:
             best = min(peers, key=lambda t: peers[t])
             v = med[mine[0]]
             ratio = v / peers[best]
+            met = "yes" if ratio <= 1.0 else "no"
+            if wl == "scale":  # the issue's target here: no failure at 256 nodes (the time is shown)
+                clean = all(s.ok for s in tools[mine[0]])
+                met = "yes (no failures: the scale target)" if clean else "no (failures)"
             lines.append(
-                f"| {label} | {n} | {mode} | {v:.3f} | {best} | {peers[best]:.3f} | {ratio:.2f} | "
-                f"{'yes' if ratio <= 1.0 else 'no'} |"
+                f"| {label} | {n} | {mode} | {v:.3f} | {best} | {peers[best]:.3f} | {ratio:.2f} | {met} |"
             )
     hs = b.results.get("help", {})
     v = [s.wall for s in hs.get(("-", "-", "vtool --help"), []) if s.ok]
@@ -1683,7 +1686,8 @@ def write_report(b: Bench, path: Path, command: str, started: str, seconds: floa
         "## vtool against the fastest peer",
         "",
         "Medians from the tables below; the target is vtool at most as slow as the fastest peer "
-        "(`vtool --help`: within 1.3x of `inv --help`). The in-process rows compare vtool's "
+        "(`vtool --help`: within 1.3x of `inv --help`; `run true` on 256 nodes: every run completes "
+        "with no failure, its time shown beside the peers'). The in-process rows compare vtool's "
         "Python API with the peers' Python APIs (the second command on one client).",
         "",
         summary(b),
