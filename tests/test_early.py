@@ -312,7 +312,7 @@ def test_vtool_connect_reads_its_command_line_when_it_is_the_shell_of_ssh(tmp_pa
         assert r.returncode == 255 and "Connection refused" in log.read_text()
         for bad in (f"{line}", f"exec {line}; touch {tmp_path}/x", f"exec {helper} 127.0.0.1 $PORT 5", "exec 'a"):
             r = subprocess.run([helper, "-c", bad], stdout=theirs, stderr=subprocess.PIPE, timeout=30, check=False)
-            assert r.returncode == 2 and b"not a command it runs" in r.stderr, bad
+            assert r.returncode == 2 and b"not a command it runs: " + bad.encode() + b"\n" in r.stderr, bad
         assert not (tmp_path / "x").exists()
     finally:
         server.close()

@@ -182,6 +182,12 @@ def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp
     assert p.wait(timeout=20) == 0 and p.stdout is not None and p.stdout.read() == b"5\n"
     p = start("sh -c exit")
     assert p.wait(timeout=20) == 0
+    if shell == "bash":  # a shell function (as `module` from BASH_ENV) is run as the shell would, not exec'd
+        (tmp_path / "env.sh").write_text("f1306() { echo function-ran; }\n")
+        env["BASH_ENV"] = str(tmp_path / "env.sh")
+        p = start("f1306 x")
+        assert p.wait(timeout=20) == 0 and p.stdout is not None and p.stdout.read() == b"function-ran\n"
+        del env["BASH_ENV"]
     p = start("no-such-program-1305 --x=1")
     assert p.wait(timeout=20) == 127 and p.stderr is not None and b"no-such-program-1305" in p.stderr.read()
     # What a finished command left running in the background stays when vtool's end closes

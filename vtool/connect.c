@@ -100,7 +100,8 @@ static int split(char *line, char **words, int max) {
 int main(int argc, char **argv) {
     char *words[6];
     if (argc == 3 && strcmp(argv[1], "-c") == 0) {  /* run as ssh's $SHELL (see the top) */
-        int n = strncmp(argv[2], "exec ", 5) == 0 ? split(argv[2] + 5, words, 5) : -1;
+        char *line = strdup(argv[2]);  /* split writes into it; argv[2] stays whole for the message */
+        int n = line && strncmp(line, "exec ", 5) == 0 ? split(line + 5, words, 5) : -1;
         if (n < 4) {
             fprintf(stderr, "vtool-connect: not a command it runs: %s\n", argv[2]);
             return 2;

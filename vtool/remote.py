@@ -264,13 +264,18 @@ def prepare(
     # per node instead of two per file, which counts on a node that is also busy (each
     # program started costs about 1 ms of CPU on the machine the bench runs on).
     s = "$st"
-    folders = f'"{d}/releases" "{d}/runs" "{d}/bin" "{d}/packages" "{s}"'
-    parts = ["set -e", "umask 022", f'st="{d}/.prepare.$$"']
+    parts = [
+        "set -e",
+        "umask 022",
+        f'st="{d}/.prepare.$$"',
+        f'mkdir -p "{d}/releases" "{d}/runs" "{d}/bin" "{d}/packages" "{s}"',
+    ]
     if trust is not None:
-        parts.append(_control_lines(d, max((len(n.name) for n in nodes), default=0)))
-        folders += ' ${ctl:+"$cm"}'
+        parts += [
+            _control_lines(d, max((len(n.name) for n in nodes), default=0)),
+            '[ -z "$ctl" ] || [ -d "$cm" ] || (umask 077; mkdir "$cm")',
+        ]
     parts += [
-        f"mkdir -p -m 700 {folders}",
         """trap 'rm -rf "$st"' EXIT""",
         f'printf %s {q(env_file(cluster, node, nodes, extra_env))} > "{s}/cluster.env"',
         f'printf %s {q(hosts)} > "{s}/hosts"',
@@ -596,9 +601,14 @@ def supervised(command: str) -> str:
     shell = '"${SHELL:-/bin/sh}"'
     # bash starts the last command of ``bash -c`` in its own process, but forks for one that
     # eval runs: one program (the usual case) is started with exec instead, in bash.
+    # (Not when the word is a shell function or alias, e.g. `module` from BASH_ENV or ~/.bashrc.)
     run = 'eval "unset vtool_c; $vtool_c"'
     if _one_program(command):
-        run = f'if [ -n "${{BASH_VERSION-}}" ]; then unset vtool_c; exec {command}; fi; {run}'
+        first = command.split()[0]
+        run = (
+            f'if [ -n "${{BASH_VERSION-}}" ] && ! declare -F {first} >/dev/null && ! alias {first} >/dev/null 2>&1; '
+            f"then unset vtool_c; exec {command}; fi; {run}"
+        )
     drain = "while read -r _; do :; done"  # until vtool's end closes (a builtin: no program starts)
     watch = f"{drain}; kill -0 $$ 2>/dev/null && kill -TERM -$$"
     return "\n".join(
