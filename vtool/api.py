@@ -166,7 +166,10 @@ class Session:
         """Remember which nodes failed ``verb`` (for --only-failed)."""
         data = self.cache.load().get("last_failed", {})
         data = data if isinstance(data, dict) else {}
-        data[verb] = [r.index for r in result.failed]
+        failed = [r.index for r in result.failed]
+        if data.get(verb) == failed:
+            return result  # (as written last time: no write, no fsync)
+        data[verb] = failed
         if self.paths.exists():
             self.cache.update(last_failed=data)
         return result
