@@ -33,12 +33,14 @@ def _mark_worker() -> None:
 
 def _pool(size: int) -> tuple[ThreadPoolExecutor, bool]:
     """A pool of ``size`` workers, and whether it is this call's own (to shut down after)."""
+
+    def new() -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(size, thread_name_prefix="vtool-node", initializer=_mark_worker)
+
     if getattr(_here, "worker", False):
-        return ThreadPoolExecutor(size, thread_name_prefix="vtool-node", initializer=_mark_worker), True
+        return new(), True
     with _pools_lock:
-        pool = _pools.get(size)
-        if pool is None:
-            pool = _pools[size] = ThreadPoolExecutor(size, thread_name_prefix="vtool-node", initializer=_mark_worker)
+        pool = _pools.get(size) or _pools.setdefault(size, new())
     return pool, False
 
 
