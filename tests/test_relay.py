@@ -505,22 +505,24 @@ def test_prepare_writes_the_cluster_files_and_the_key_with_shell_builtins(tmp_pa
     key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----"
     cmd = remote.prepare("c", nodes[1], nodes, {}, None, trust=(pub, "vtool-c-0 ssh-ed25519 AAAA\n", "Host c-0\n"))
     home = Path(tempfile.mkdtemp(dir="/tmp"))  # (short: ~/.vtool/cm/NAME must fit a socket path)
-    (home / ".ssh").mkdir(parents=True)
-    (home / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAAother user@laptop")  # no newline
-    for _ in range(2):  # the second time changes nothing
-        r = subprocess.run([shutil.which(shell) or shell, "-c", cmd], input=key.encode(), env={"HOME": str(home), "PATH": os.environ["PATH"]},
-                           capture_output=True, timeout=30, check=False)
-        assert r.returncode == 0, r.stderr
-    d = home / ".vtool"
-    assert (d / "relay_key").read_text() == key + "\n"
-    assert stat.S_IMODE((d / "relay_key").stat().st_mode) == 0o600
-    assert stat.S_IMODE((d / "cm").stat().st_mode) == 0o700
-    assert stat.S_IMODE((d / "releases").stat().st_mode) == 0o755
-    assert "VTOOL_NODE_INDEX=1\n" in (d / "cluster.env").read_text()
-    assert (d / "hosts").read_text() == "10.0.0.0\n10.0.0.1\n10.0.0.2\n"
-    assert (d / "bin" / "vtool-fan").read_text() == remote.FAN
-    assert (d / "bin" / "vtool-run").read_text() == remote.RUN_WRAPPER
-    assert "ControlPath" in (d / "ssh_config").read_text() and (d / "ssh_config").read_text().endswith("Host c-0\n")
-    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no staging folder left
-    assert (home / ".ssh" / "authorized_keys").read_text() == f"ssh-ed25519 AAAAother user@laptop\n{pub}\n"
-    shutil.rmtree(home)
+    try:
+        (home / ".ssh").mkdir(parents=True)
+        (home / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAAother user@laptop")  # no newline
+        for _ in range(2):  # the second time changes nothing
+            r = subprocess.run([shutil.which(shell) or shell, "-c", cmd], input=key.encode(), env={"HOME": str(home), "PATH": os.environ["PATH"]},
+                               capture_output=True, timeout=30, check=False)
+            assert r.returncode == 0, r.stderr
+        d = home / ".vtool"
+        assert (d / "relay_key").read_text() == key + "\n"
+        assert stat.S_IMODE((d / "relay_key").stat().st_mode) == 0o600
+        assert stat.S_IMODE((d / "cm").stat().st_mode) == 0o700
+        assert stat.S_IMODE((d / "releases").stat().st_mode) == 0o755
+        assert "VTOOL_NODE_INDEX=1\n" in (d / "cluster.env").read_text()
+        assert (d / "hosts").read_text() == "10.0.0.0\n10.0.0.1\n10.0.0.2\n"
+        assert (d / "bin" / "vtool-fan").read_text() == remote.FAN
+        assert (d / "bin" / "vtool-run").read_text() == remote.RUN_WRAPPER
+        assert "ControlPath" in (d / "ssh_config").read_text() and (d / "ssh_config").read_text().endswith("Host c-0\n")
+        assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+        assert (home / ".ssh" / "authorized_keys").read_text() == f"ssh-ed25519 AAAAother user@laptop\n{pub}\n"
+    finally:
+        shutil.rmtree(home)

@@ -138,13 +138,6 @@ exit $rc
 """
 
 
-def _write_file(path: str, content: str, mode: str = "644") -> str:
-    return (
-        f'printf %s {q(content)} > "{path}.vtool-tmp.$$" && chmod {mode} "{path}.vtool-tmp.$$" && '
-        f'mv -f "{path}.vtool-tmp.$$" "{path}"'
-    )
-
-
 def env_file(cluster: str, node: Node, nodes: Sequence[Node], extra: Mapping[str, str]) -> str:
     ordered = sorted(nodes, key=lambda n: n.index)
     rank = next((i for i, n in enumerate(ordered) if n.index == node.index), 0)
@@ -560,8 +553,7 @@ _PLAIN_WORD = re.compile(r"[A-Za-z0-9_./:,+@%-][A-Za-z0-9_./:,+@%=-]*")
 def _one_program(command: str) -> bool:
     """Whether ``command`` is one program with plain arguments (``python3 train.py --seed=3``):
     no quoting, expansion, redirection, assignment or second command, and no shell builtin."""
-    words = command.split(" ")
-    words = [w for w in words if w]
+    words = [w for w in command.split(" ") if w]  # (split on spaces only: a tab or newline is refused)
     return (
         bool(words)
         and words[0] not in _SHELL_WORDS

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shlex
 import subprocess
 import threading
@@ -471,8 +472,6 @@ def _collect(
     stream: with one per node, starting two more per command cost more than the reading),
     handing ``on_line`` each complete line as it arrives. Raises subprocess.TimeoutExpired
     at ``deadline`` (time.monotonic()). Both are closed at the end."""
-    import select
-
     names = {stdout.fileno(): "out", stderr.fileno(): "err"}
     got: dict[str, list[str]] = {"out": [], "err": []}
     pending: dict[str, list[bytes]] = {"out": [], "err": []}  # the line read so far
