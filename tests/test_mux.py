@@ -321,7 +321,7 @@ def test_ctrl_c_stops_a_session_that_is_still_opening(tmp_path: Path) -> None:
 
     path = str(tmp_path / "m")
     got_request = threading.Event()
-    _fake_master(path, "silent", got_request)
+    master = _fake_master(path, "silent", got_request)
     before = set(os.listdir("/proc/self/fd"))
     p = ssh._track(mux.MuxProcess(path))
     raised: list[BaseException] = []
@@ -343,6 +343,8 @@ def test_ctrl_c_stops_a_session_that_is_still_opening(tmp_path: Path) -> None:
     finally:
         ssh._untrack(p)
         ssh.stopping.clear()
+    master.join(30)  # (the fake master, a thread of this process, closes its end when it sees ours go)
+    assert not master.is_alive()
     assert set(os.listdir("/proc/self/fd")) <= before
 
 
