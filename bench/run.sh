@@ -19,15 +19,16 @@ for tool in ssh scp ssh-keygen xargs; do
 done
 [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null || { echo "bench: sshd is missing (apt-get install openssh-server)" >&2; exit 3; }
 # rsync (a peer of the inject rows, on the client and, the same binary, on the local nodes),
-# and zstd (vtool's package format when the client and the nodes have it; scripts/bootstrap.sh
-# installs it too).
-for tool in rsync zstd; do
+# zstd (vtool's package format when the client and the nodes have it) and musl-gcc (vtool-connect
+# as a static program); scripts/bootstrap.sh installs the last two as well.
+for pair in rsync:rsync zstd:zstd musl-gcc:musl-tools; do
+    tool=${pair%%:*}; pkg=${pair#*:}
     if ! command -v "$tool" >/dev/null; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            echo "bench: installing $tool" >&2
-            apt-get install -y -q "$tool" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$tool" >/dev/null; }
+            echo "bench: installing $pkg" >&2
+            apt-get install -y -q "$pkg" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$pkg" >/dev/null; }
         fi
-        command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install $tool)" >&2; exit 3; }
+        command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install $pkg)" >&2; exit 3; }
     fi
 done
 

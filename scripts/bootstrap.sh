@@ -2,14 +2,15 @@
 # Set up everything vtool and its tests need on a fresh Debian/Ubuntu machine:
 # OpenSSH server and client, screen, zstd (packages travel compressed with it, see
 # inject.zstd), a C compiler and the C library's headers (for
-# pkg-examples/compile and vtool-connect, see ssh.nodelay), Python's venv,
+# pkg-examples/compile and vtool-connect, see ssh.nodelay), musl-gcc (vtool-connect as a
+# static program, which starts without glibc's start-up), Python's venv,
 # and ./.venv with vtool installed (editable) plus its test dependencies.
 # Idempotent: a second run only checks. Run as root, or as a user with sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for cmd in sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client screen:screen zstd:zstd cc:gcc make:make; do
+for cmd in sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client screen:screen zstd:zstd cc:gcc make:make musl-gcc:musl-tools; do
   bin=${cmd%%:*}; pkg=${cmd#*:}
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then need+=("$pkg"); fi
 done

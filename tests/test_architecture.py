@@ -113,9 +113,9 @@ def test_start_up_puts_off_invokes_mock_and_yaml_and_both_still_work() -> None:
         "import vtool.main\n"
         "from vtool.main import main\n"
         "make = vtool.main.make_program\n"
-        "def checked():  # plugins load in make_program: no stand-in may be left by then\n"
+        "def checked(*args):  # plugins load in make_program: no stand-in may be left by then\n"
         "    assert 'unittest.mock' not in sys.modules and 'invoke.vendor.yaml' not in sys.modules\n"
-        "    return make()\n"
+        "    return make(*args)\n"
         "vtool.main.make_program = checked\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "loaded = [m for m in ('unittest.mock', 'asyncio', 'ssl', 'yaml', 'invoke.vendor.yaml') if m in sys.modules]\n"
@@ -137,3 +137,32 @@ def test_start_up_puts_off_invokes_mock_and_yaml_and_both_still_work() -> None:
     lines = r.stdout.strip().splitlines()
     assert "LOADED=" in lines, r.stdout  # none of them
     assert lines[-1] == "B=7 REAL=True", r.stdout
+
+
+def test_start_up_pauses_the_garbage_collector_and_the_task_runs_with_it() -> None:
+    """vtool.main pauses Python's cyclic garbage collector while it starts (nothing it makes
+    is garbage), and the command's task runs with the collector on again, start-up's objects
+    frozen; a command that stops before any task (--list) turns it back on too."""
+    code = (
+        "import gc, sys\n"
+        "import vtool.main, vtool.program\n"
+        "seen = []\n"
+        "make = vtool.main.make_program\n"
+        "def checked(*args):\n"
+        "    seen.append(('start', gc.isenabled()))\n"
+        "    return make(*args)\n"
+        "vtool.main.make_program = checked\n"
+        "def task(self):\n"
+        "    seen.append(('task', gc.isenabled(), gc.get_freeze_count() > 1000))\n"
+        "vtool.program.Program.execute = task\n"
+        "for argv in (['vtool', 'status'], ['vtool', '--list']):\n"
+        "    sys.argv = argv\n"
+        "    try:\n        vtool.main.main()\n    except SystemExit:\n        pass\n"
+        "    seen.append(('after', gc.isenabled()))\n"
+        "    gc.unfreeze()\n"
+        "print(seen)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert r.stdout.strip().splitlines()[-1] == str(
+        [("start", False), ("task", True, True), ("after", True), ("start", False), ("after", True)]
+    ), r.stdout

@@ -5,10 +5,12 @@ command does, and neither gets in its way when what it remembered no longer hold
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from conftest import Env, wait_for
 
@@ -124,6 +126,8 @@ def test_connections_open_through_vtool_connect_and_failures_read_as_before(venv
     venv.ok("run", "true")
     helpers = list((venv.vhome / "bin").glob("vtool-connect-*"))
     assert helpers and os.access(helpers[0], os.X_OK), "vtool-connect was not built (is cc installed?)"
+    if shutil.which("musl-gcc"):  # (scripts/bootstrap.sh installs it) a static program: no glibc start-up
+        assert _interpreter(helpers[0]) is None, "vtool-connect was not built with musl-gcc -static"
     # A node whose sshd is gone: the same one-line reason as plain ssh gives.
     from vtool.providers.local import LocalProvider
 
@@ -318,3 +322,40 @@ def test_vtool_connect_reads_its_command_line_when_it_is_the_shell_of_ssh(tmp_pa
         server.close()
         ours.close()
         theirs.close()
+
+
+def _interpreter(program: Path) -> bytes | None:
+    """The dynamic loader an ELF program names (its PT_INTERP), None for a static program."""
+    import struct
+
+    data = program.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "not a 64-bit ELF program"
+    end = "<" if data[5] == 1 else ">"
+    (phoff,) = struct.unpack_from(end + "Q", data, 0x20)
+    size, count = struct.unpack_from(end + "HH", data, 0x36)
+    for i in range(count):
+        kind, _, offset, _, _, filesz = struct.unpack_from(end + "IIQQQQ", data, phoff + i * size)
+        if kind == 3:  # PT_INTERP
+            return data[offset : offset + filesz].rstrip(b"\0")
+    return None
+
+
+def test_vtool_connect_is_built_by_the_first_compiler_there_is(tmp_path: Path, monkeypatch: Any) -> None:
+    """Without musl-gcc (a machine without Debian's musl-tools) vtool-connect is built with cc,
+    as a program that uses the C library's loader; a compiler that fails is passed over."""
+    if not shutil.which("cc"):
+        import pytest
+
+        pytest.skip("no C compiler")
+    from vtool import ssh
+
+    fails = tmp_path / "fails"
+    fails.write_text("#!/bin/sh\nexit 1\n")
+    fails.chmod(0o755)
+    monkeypatch.setattr(ssh, "HELPER_BUILDS", (("no-such-compiler-here",), (str(fails), "-O2"), ("cc", "-O2")))
+    monkeypatch.setattr(ssh, "_helper", {})
+    helper = ssh.connect_helper(tmp_path / "bin")
+    assert helper is not None and Path(helper).name.startswith("vtool-connect-")
+    assert _interpreter(Path(helper)) is not None  # cc's: dynamically linked
+    r = subprocess.run([helper, "-c", "exec"], capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "not a command it runs" in r.stderr  # the program runs

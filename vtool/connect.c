@@ -32,6 +32,29 @@ static int fail(const char *host, const char *port, const char *why, const char 
     return 255;
 }
 
+/* Reasons in glibc's words, which ssh prints (and vtool matches, e.g. to retry a refused
+ * connection), whichever C library this program was built with (musl words some otherwise). */
+static const char *why(int err) {
+    switch (err) {
+    case ECONNREFUSED: return "Connection refused";
+    case ETIMEDOUT: return "Connection timed out";
+    case EHOSTUNREACH: return "No route to host";
+    case ENETUNREACH: return "Network is unreachable";
+    case ECONNRESET: return "Connection reset by peer";
+    case ENOTSOCK: return "Socket operation on non-socket";
+    case EADDRNOTAVAIL: return "Cannot assign requested address";
+    default: return strerror(err);
+    }
+}
+
+static const char *why_name(int rc) {
+    switch (rc) {
+    case EAI_NONAME: return "Name or service not known";
+    case EAI_AGAIN: return "Temporary failure in name resolution";
+    default: return gai_strerror(rc);
+    }
+}
+
 static int pass_fd(int channel, int fd, const void *data, size_t len) {
     struct iovec iov = {(void *)data, len};
     char buf[CMSG_SPACE(sizeof(int))];
@@ -116,7 +139,7 @@ int main(int argc, char **argv) {
     struct addrinfo hints = {0}, *res, *ai;
     hints.ai_socktype = SOCK_STREAM;
     int rc = getaddrinfo(host, port, &hints, &res);
-    if (rc) return fail(host, port, gai_strerror(rc), log);
+    if (rc) return fail(host, port, why_name(rc), log);
     int err = ECONNREFUSED;
     for (ai = res; ai; ai = ai->ai_next) {
         int s = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
@@ -135,10 +158,10 @@ int main(int argc, char **argv) {
         int one = 1;
         setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         char byte = 0;
-        if (pass_fd(1, s, &byte, 1) < 0) return fail(host, port, strerror(errno), log);
+        if (pass_fd(1, s, &byte, 1) < 0) return fail(host, port, why(errno), log);
         share(s);
         return 0;
     }
     freeaddrinfo(res);
-    return fail(host, port, err == ETIMEDOUT ? "Connection timed out" : strerror(err), log);
+    return fail(host, port, why(err), log);
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from invoke import Program
@@ -47,6 +48,13 @@ class VtoolProgram(Program):
         if merge:
             self.config.merge()
 
+    before_tasks: Callable[[], None] | None = None  # called once the command line is read
+
+    def execute(self) -> None:
+        if self.before_tasks is not None:
+            self.before_tasks()
+        super().execute()
+
     def run(self, argv: Any = None, exit: bool = True) -> None:
         try:
             super().run(argv, exit)
@@ -57,7 +65,7 @@ class VtoolProgram(Program):
             sys.exit(e.exit_code)
 
 
-def make_program() -> VtoolProgram:
+def make_program(before_tasks: Callable[[], None] | None = None) -> VtoolProgram:
     try:
         from .tasks import collection
 
@@ -65,4 +73,6 @@ def make_program() -> VtoolProgram:
     except VtoolError as e:  # a broken plugin: still one line, exit code 5
         print(f"vtool: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    return VtoolProgram(name="vtool", binary="vtool", version=__version__, namespace=ns, config_class=VtoolConfig)
+    program = VtoolProgram(name="vtool", binary="vtool", version=__version__, namespace=ns, config_class=VtoolConfig)
+    program.before_tasks = before_tasks
+    return program

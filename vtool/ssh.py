@@ -660,7 +660,7 @@ FAILED_BUILD_RETRY = 24 * 3600  # seconds before a failed build of vtool-connect
 
 def connect_helper(folder: Path) -> str | None:
     """The path of vtool-connect (vtool/connect.c), compiled once into ``folder`` (a private
-    folder, created 0700) with the C compiler ``cc`` when there is one; None when it cannot
+    folder, created 0700) with ``musl-gcc`` or ``cc`` (HELPER_BUILDS) when there is one; None when it cannot
     be had (ssh then connects by itself, only slower to open a connection). Only a file this
     user built, in a folder no one else can write, is used. A failed build is tried again a
     day later (e.g. once the C headers are installed)."""
@@ -668,7 +668,6 @@ def connect_helper(folder: Path) -> str | None:
     if key in _helper:
         return _helper[key]
     import hashlib
-    import shutil
 
     source = Path(__file__).with_name("connect.c")
     try:
@@ -676,7 +675,7 @@ def connect_helper(folder: Path) -> str | None:
     except OSError:
         _helper[key] = None
         return None
-    exe = folder / f"vtool-connect-{hashlib.sha256(code).hexdigest()[:12]}"
+    exe = folder / f"vtool-connect-{hashlib.sha256(code + repr(HELPER_BUILDS).encode()).hexdigest()[:12]}"
     failed = exe.with_name(exe.name + ".failed")
     found: str | None = None
     try:
@@ -692,11 +691,31 @@ def connect_helper(folder: Path) -> str | None:
         pass  # someone else could have put a program there
     elif _own_program(exe) and os.access(exe, os.X_OK):
         found = str(exe)
-    elif not recent_failure and shutil.which("cc"):
-        tmp = exe.with_name(f".{exe.name}.{os.getpid()}")
-        try:
+    elif not recent_failure:
+        found = _build_helper(source, exe, failed)
+    _helper[key] = found
+    return found
+
+
+# How vtool-connect is built, best first. With musl (Debian's musl-tools), a static program
+# that starts without glibc's start-up: 0.02 ms of CPU per start against 0.6 ms (`perf stat`
+# of an empty main(); most of glibc's is its cache-size probe, `cpuid` traps on a virtual
+# machine), and vtool starts one per new connection.
+HELPER_BUILDS = (("musl-gcc", "-O2", "-static"), ("cc", "-O2"))
+
+
+def _build_helper(source: Path, exe: Path, failed: Path) -> str | None:
+    import shutil
+
+    tmp = exe.with_name(f".{exe.name}.{os.getpid()}")
+    tried = False
+    try:
+        for compiler, *flags in HELPER_BUILDS:
+            if not shutil.which(compiler):
+                continue
+            tried = True
             r = subprocess.run(
-                ["cc", "-O2", "-o", str(tmp), str(source)],
+                [compiler, *flags, "-o", str(tmp), str(source)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -706,17 +725,16 @@ def connect_helper(folder: Path) -> str | None:
             if r.returncode == 0:
                 os.chmod(tmp, 0o700)
                 os.replace(tmp, exe)
-                found = str(exe)
-            else:
-                failed.touch()
-        except subprocess.TimeoutExpired:
+                return str(exe)
+        if tried:
             failed.touch()
-        except (OSError, subprocess.SubprocessError):
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    _helper[key] = found
-    return found
+    except subprocess.TimeoutExpired:
+        failed.touch()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return None
 
 
 def which_local(name: str, extra: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin", "/sbin")) -> str | None:
