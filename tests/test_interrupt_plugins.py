@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -125,3 +126,47 @@ def test_timeout_and_ctrl_c_stop_the_remote_command(cluster3: Env) -> None:
     proc.communicate(timeout=30)
     assert proc.returncode == 130
     wait_for(lambda: not _sleepers(cluster3, "sleep 78"))
+
+
+def _guards(env: Env) -> int:
+    """vtool's guard sessions on the nodes (ssh._Watch): shells whose command is the guard's."""
+    from vtool.providers.local import _proc_cmdline, node_processes
+
+    n = 0
+    for i in range(3):
+        meta = env.node_meta(i)
+        for pid in node_processes(int(meta["pid"]), str(meta["token"])):
+            if any(w.startswith("while read -r _; do :; done; kill -0 ") for w in _proc_cmdline(pid)):
+                n += 1
+    return n
+
+
+def test_a_long_command_is_stopped_when_vtool_is_killed(cluster3: Env) -> None:
+    """vtool killed outright (no Ctrl-C handling): a command that has run for GUARD_AFTER
+    seconds has a guard on its node, whose stdin ends with vtool's side of the connection,
+    and which then stops it. The wrapper's own line never reaches the output."""
+    from vtool.ssh import GUARD_AFTER
+
+    proc = subprocess.Popen([sys.executable, "-m", "vtool", "run", "echo note >&2; echo started; sleep 79"],
+                            cwd=cluster3.work, env=cluster3.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    for _ in range(3):
+        assert "started" in proc.stdout.readline()
+    wait_for(lambda: len(_sleepers(cluster3, "sleep 79")) == 3)
+    assert _guards(cluster3) == 0  # none yet: a short command never needs one
+    time.sleep(GUARD_AFTER)
+    wait_for(lambda: _guards(cluster3) == 3)
+    proc.kill()
+    _, err = proc.communicate(timeout=30)
+    assert err.count("note") == 3 and "vtool-pgid" not in err and "\x1e" not in err, err
+    wait_for(lambda: not _sleepers(cluster3, "sleep 79"))
+    wait_for(lambda: _guards(cluster3) == 0)
+    # A command that ends by itself takes its guard with it, and leaves what it started in
+    # the background alone.
+    r = cluster3.cli("run", "sleep 80 </dev/null >/dev/null 2>&1 & sleep 1.5; echo done", "--nodes", "0")
+    assert r.returncode == 0 and "done" in r.stdout and "vtool-pgid" not in r.stdout + r.stderr, r.stderr
+    wait_for(lambda: _guards(cluster3) == 0)
+    left = _sleepers(cluster3, "sleep 80")
+    assert len(left) == 1
+    os.kill(left[0], signal.SIGKILL)
+

@@ -120,10 +120,18 @@ def _session_members(sid: int) -> list[int]:
     return out
 
 
+def _stop_with(path: str, env: dict[str, str], command: str, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """What vtool runs in a session of its own to stop a supervised command (ssh._Watch)."""
+    return subprocess.Popen([path, "-c", command], stdin=stdin, env=env, start_new_session=True)
+
+
 @pytest.mark.parametrize("shell", ["bash", "dash"])
-def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp_path: Path) -> None:
+def test_supervised_names_its_group_and_is_stopped_whole(shell: str, tmp_path: Path) -> None:
     """Without the ssh layer: the wrapper under each login shell, in a session of its own as
-    sshd starts it. dash's kill takes no ``--``."""
+    sshd starts it. It names its process group on stderr, and ``stop`` (or ``guard``, once its
+    stdin ends) stops everything the command started. dash's kill takes no ``--``."""
+    from vtool.ssh import PGID_MARK
+
     path = f"/bin/{shell}"
     if not os.path.exists(path):
         pytest.skip(f"{shell} is not installed")
@@ -139,41 +147,54 @@ def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp
             start_new_session=True,  # as sshd does for every session
         )
 
+    def group(p: subprocess.Popen[bytes]) -> int:
+        assert p.stderr is not None
+        line = p.stderr.readline().decode()
+        assert line == f"{PGID_MARK}{p.pid}\n"  # the session's shell leads the group
+        return p.pid
+
     p = start("sleep 1301 & sleep 1302; echo never")
+    pgid = group(p)
     wait_for(lambda: pids_whose_cmdline_has("sleep 1301") and pids_whose_cmdline_has("sleep 1302"))
-    assert p.stdin is not None
-    p.stdin.close()  # vtool's end goes away
+    assert _stop_with(path, env, remote.SUPERVISION.stop(pgid)).wait(timeout=20) == 0
     assert p.wait(timeout=20) == -signal.SIGTERM
     assert p.stdout is not None and b"never" not in p.stdout.read()
     wait_for(lambda: not pids_whose_cmdline_has("sleep 1301") and not pids_whose_cmdline_has("sleep 1302"))
+    # The guard does the same once its stdin ends (vtool went away), not before.
+    p = start("sleep 1307 & sleep 1308; echo never")
+    pgid = group(p)
+    wait_for(lambda: pids_whose_cmdline_has("sleep 1307") and pids_whose_cmdline_has("sleep 1308"))
+    guard = _stop_with(path, env, remote.SUPERVISION.guard(pgid), stdin=subprocess.PIPE)
+    with pytest.raises(subprocess.TimeoutExpired):
+        p.wait(timeout=1)
+    assert guard.stdin is not None
+    guard.stdin.close()
+    assert guard.wait(timeout=20) == 0 and p.wait(timeout=20) == -signal.SIGTERM
+    wait_for(lambda: not pids_whose_cmdline_has("sleep 1307") and not pids_whose_cmdline_has("sleep 1308"))
     # $$ is the command's own shell, as under plain ssh.
     p = start("kill -TERM $$; echo after")
     assert p.wait(timeout=20) == -signal.SIGTERM
-    assert p.stdout is not None and p.stdin is not None and p.stdout.read() == b""
-    p.stdin.close()
+    assert p.stdout is not None and p.stdout.read() == b""
     # The command's own exit code and output otherwise (vtool's end stays open meanwhile);
     # stdin is empty.
     p = start('cat; echo out; echo "err ${vtool_c-}" >&2; exit 7')
+    pgid = group(p)
     assert p.wait(timeout=20) == 7
     assert p.stdout is not None and p.stderr is not None and p.stdin is not None
     assert (p.stdout.read(), p.stderr.read()) == (b"out\n", b"err \n")  # (the wrapper's vtool_c is gone)
     p.stdin.close()
-    # A bare `wait` in the command does not wait for the watcher (which lives until vtool's
-    # end closes): it returns once the command's own jobs are done.
     p = start("sleep 0.1 & wait; echo waited")
     assert p.wait(timeout=20) == 0
     assert p.stdout is not None and p.stdout.read() == b"waited\n"
-    assert p.stdin is not None
-    p.stdin.close()
     # One program with plain arguments is started by exec under bash (no fork for it): it is
     # then the session's shell itself, and is stopped all the same; its exit code and
     # output are its own, it has the node's variables, and a missing one is exit 127.
     p = start("sleep 1304")
+    pgid = group(p)
     wait_for(lambda: pids_whose_cmdline_has("sleep 1304"))
-    if shell == "bash":  # (the watcher, a fork of the shell, has the wrapper's text as its cmdline)
+    if shell == "bash":
         assert wait_for(lambda: Path(f"/proc/{p.pid}/cmdline").read_bytes() == b"sleep\x001304\x00")
-    assert p.stdin is not None
-    p.stdin.close()
+    assert _stop_with(path, env, remote.SUPERVISION.stop(pgid)).wait(timeout=20) == 0
     assert p.wait(timeout=20) in (-signal.SIGTERM, 128 + signal.SIGTERM)
     wait_for(lambda: not pids_whose_cmdline_has("sleep 1304"))
     (tmp_path / ".vtool").mkdir(exist_ok=True)
@@ -190,17 +211,19 @@ def test_supervised_stops_the_whole_command_when_vtool_goes_away(shell: str, tmp
         del env["BASH_ENV"]
     p = start("no-such-program-1305 --x=1")
     assert p.wait(timeout=20) == 127 and p.stderr is not None and b"no-such-program-1305" in p.stderr.read()
-    # What a finished command left running in the background stays when vtool's end closes
-    # (as under plain ssh); the watcher itself leaves.
+    # What a finished command left running in the background stays when vtool stops it
+    # afterwards, or its guard's stdin ends (as under plain ssh): only a running leader's
+    # group is stopped. Nothing but the job is left in the session.
     p = start("sleep 1303 >/dev/null 2>&1 </dev/null &")
+    pgid = group(p)
     assert p.wait(timeout=20) == 0
-    assert p.stdin is not None
-    p.stdin.close()
-    wait_for(lambda: len(_session_members(p.pid)) == 1)  # the watcher is gone ...
+    assert _stop_with(path, env, remote.SUPERVISION.stop(pgid)).wait(timeout=20) == 0
+    guard = _stop_with(path, env, remote.SUPERVISION.guard(pgid), stdin=subprocess.DEVNULL)
+    assert guard.wait(timeout=20) == 0
     (left,) = _session_members(p.pid)
     try:
         with open(f"/proc/{left}/cmdline", "rb") as f:
-            assert f.read() == b"sleep\x001303\x00"  # ... the job is not
+            assert f.read() == b"sleep\x001303\x00"
     finally:
         os.kill(left, signal.SIGKILL)
 
@@ -371,3 +394,18 @@ def test_ctrl_c_stops_a_session_that_is_still_opening(tmp_path: Path) -> None:
 )
 def test_one_program_is_recognised_conservatively(command: str, one: bool) -> None:
     assert remote._one_program(command) is one
+
+
+def test_a_supervised_commands_output_is_its_own(cluster3: Env) -> None:
+    """The wrapper's line naming its group is taken out of stderr, in the result and in the
+    lines handed on as they come; the command's own stderr lines are all there."""
+    s = _session(cluster3)
+    client = s.client(s.info().nodes[0])
+    lines: list[tuple[str, str]] = []
+    r = client.run(
+        remote.supervised("echo o; echo e >&2; echo $VTOOL_NODE_INDEX >&2"),
+        supervision=remote.SUPERVISION,
+        on_line=lambda stream, line: lines.append((stream, line)),
+    )
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "o\n", "e\n0\n")
+    assert sorted(lines) == [("err", "0"), ("err", "e"), ("out", "o")]

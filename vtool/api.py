@@ -862,7 +862,10 @@ def run(
     def op(node: Node) -> CommandResult:
         sink = (lambda stream, line: on_line(node.index, stream, line)) if on_line else None
         return s.client(node).run(
-            remote.supervised(command), timeout=settings.timeout.command or None, on_line=sink, hold_stdin=True
+            remote.supervised(command),
+            timeout=settings.timeout.command or None,
+            on_line=sink,
+            supervision=remote.SUPERVISION,
         )
 
     return s.record("run", s.fan_out(targets, op))

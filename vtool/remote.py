@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from .models import Node, Release
-from .ssh import q
+from .ssh import PGID_MARK, Supervision, q
 
 # Runs the launch command of one start, recording pid, output and exit code.
 RUN_WRAPPER = r"""#!/bin/sh
@@ -564,32 +564,26 @@ def _one_program(command: str) -> bool:
 
 def supervised(command: str) -> str:
     """Run ``command`` as ``ssh node COMMAND`` would (evaluated by the session's login shell),
-    with the node's VTOOL_* variables set (as the launch script has them) and stdin empty,
-    and stop it when vtool's end of the connection goes away (a timeout, Ctrl-C, a lost
-    client): the client keeps the session's stdin open, and its end-of-file is the signal.
+    with the node's VTOOL_* variables set (as the launch script has them) and stdin empty.
     Its exit code is the command's.
 
     sshd starts every session in a session (and process group) of its own, so the shell's
-    ``$$`` is the group of everything the command starts. A watcher, started twice removed
-    so that it is no job of the command's shell (a bare ``wait`` in the command does not wait
-    for it), reads the client's end until end-of-file, and then signals that group if the
-    shell still runs (``kill -0``: once the command has finished, what it left running in the
-    background is left alone). ``kill -TERM -PID``, not ``kill -- -PID``: dash's kill takes
-    no ``--``. The command's text is in ``vtool_c`` only until ``eval`` has read it.
+    ``$$`` is the group of everything the command starts. The wrapper names it on stderr
+    (``ssh.PGID_MARK``, a line vtool takes out), and vtool stops the group with ``stop`` when
+    it does not wait for the command to finish (a timeout, Ctrl-C), and with ``guard``, a
+    second session, once the command has run for a while (``ssh._Watch``), if vtool itself
+    goes away. Nothing else is started on the node: a watcher forked by every command's
+    shell cost 0.6-0.9 ms of the node's CPU per command. The command's text is in
+    ``vtool_c`` only until ``eval`` has read it.
 
     When the shell leads no group of its own (a ForceCommand wrapper that starts it as a
-    child, say), the command runs as before in a ``$SHELL -c`` of its own, in a group made by
-    ``setsid``, which the watcher signals.
+    child, say), the command runs in a ``$SHELL -c`` of its own, in a group made by
+    ``setsid``, with a watcher that reads the client's end (stdin, which vtool keeps open)
+    until end-of-file and then signals that group (``kill -TERM -PID``, not ``kill -- -PID``:
+    dash's kill takes no ``--``).
 
-    bash starts the watcher with one fork and ``disown`` (then no ``wait`` of the command's
-    waits for it), and one program with plain arguments (``_one_program``) with ``exec``, not
-    in a fork of its own; other shells, which have no ``disown``, fork twice for the watcher.
-    Measured on one local node, 300 ``hostname`` sessions through its master: the wrapper added
-    1.0 ms of CPU to the 4.5 ms of a bare ``hostname``, now 0.7 ms.
-
-    Measured against running every command in a ``setsid``/``set -m`` group of its own (the
-    wrapper before), in one process on 32 warm local nodes: ``hostname`` 0.122 s instead of
-    0.138 s, and 0.101 s without any wrapper (11 runs each, interleaved, median)."""
+    bash starts one program with plain arguments (``_one_program``) with ``exec``, not in a
+    fork of its own."""
     shell = '"${SHELL:-/bin/sh}"'
     # bash starts the last command of ``bash -c`` in its own process, but forks for one that
     # eval runs: one program (the usual case) is started with exec instead, in bash.
@@ -602,22 +596,18 @@ def supervised(command: str) -> str:
             f"then unset vtool_c; exec {command}; fi; {run}"
         )
     drain = "while read -r _; do :; done"  # until vtool's end closes (a builtin: no program starts)
-    watch = f"{drain}; kill -0 $$ 2>/dev/null && kill -TERM -$$"
+    mark = "\\036" + PGID_MARK[1:]
     return "\n".join(
         [
             "vtool_c=" + q(command),
             'if [ -r "$HOME/.vtool/cluster.env" ]; then set -a; . "$HOME/.vtool/cluster.env"; set +a; fi',
-            "exec 3<&0",
             "if kill -0 -$$ 2>/dev/null; then",
-            '  if [ -n "${BASH_VERSION-}" ]; then',
-            f"    ({watch}) <&3 >/dev/null 2>&1 & disown $!",
-            "  else",
-            f"    ( ({watch}) <&3 >/dev/null 2>&1 & )",
-            "  fi",
-            "  exec </dev/null 3<&-",
+            f"  printf '{mark}%s\\n' $$ >&2",
+            "  exec </dev/null",
             f"  {run}",
             "  exit",
             "fi",
+            "exec 3<&0",
             "if command -v setsid >/dev/null 2>&1; then vtool_s=setsid; else vtool_s=; fi",
             f'$vtool_s {shell} -c "$vtool_c" </dev/null 3<&- &',
             "vtool_pid=$!",
@@ -630,6 +620,20 @@ def supervised(command: str) -> str:
             "exit $vtool_rc",
         ]
     )
+
+
+def _stop_group(pgid: int) -> str:
+    # Only while its leader (the command's shell) runs: what a finished command left running
+    # in the background stays, as under plain ssh.
+    return f"kill -0 {int(pgid)} 2>/dev/null && kill -TERM -{int(pgid)} 2>/dev/null; exit 0"
+
+
+def _guard_group(pgid: int) -> str:
+    return f"while read -r _; do :; done; {_stop_group(pgid)}"
+
+
+# How vtool stops a supervised command on its node (ssh._Watch).
+SUPERVISION = Supervision(stop=_stop_group, guard=_guard_group)
 
 
 STATUS = """c="$HOME/.vtool/current"

@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,7 +31,58 @@ Process = Any  # a subprocess.Popen of ssh, or a mux.MuxProcess (a session of an
 
 _running: set[Process] = set()
 _running_lock = threading.Lock()
-stopping = threading.Event()  # set on Ctrl-C: no new ssh client starts until the next command
+
+
+class _Stopping:
+    """Set on Ctrl-C (kill_running) until the next command: no new ssh client starts, and
+    every command's wait (``_collect``) ends, whether or not its session has (a session of
+    a master stays open as long as its remote command runs). A threading.Event, with a
+    descriptor that is readable while it is set, to poll with the command's output."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._pipe: tuple[int, int] | None = None
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            if self._pipe is not None:
+                self._fill()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._event.clear()
+            if self._pipe is not None:
+                try:
+                    while os.read(self._pipe[0], 64):
+                        pass
+                except BlockingIOError:
+                    pass
+
+    def fileno(self) -> int:
+        with self._lock:
+            if self._pipe is None:
+                self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                if self._event.is_set():
+                    self._fill()
+            return self._pipe[0]
+
+    def _fill(self) -> None:
+        assert self._pipe is not None
+        try:
+            os.write(self._pipe[1], b"x")
+        except BlockingIOError:  # (full: readable all the same)
+            pass
+
+
+stopping = _Stopping()
 
 
 def _track(proc: Process) -> Process:
@@ -290,13 +342,14 @@ class SshClient:
         timeout: float | None = None,
         on_line: LineCallback | None = None,
         check: bool = False,
-        hold_stdin: bool = False,
+        supervision: Supervision | None = None,
         retries: int | None = None,
     ) -> CommandResult:
         """Run ``command`` (a shell string, already quoted) and return its exit code and output.
 
-        ``hold_stdin`` keeps the remote stdin open (and silent) while the command runs, so
-        the remote side sees end-of-file when this client goes away (``remote.supervised``).
+        With ``supervision``, ``command`` is a ``remote.supervised`` one, which is stopped on
+        the node when it times out or vtool is interrupted, and, once it has run for
+        ``GUARD_AFTER`` seconds, also when this client goes away (see ``_Watch``).
 
         Connection failures (never a command's own exit code) are retried. Raises NodeError
         when the node cannot be reached, HostKeyMismatch when its key is not the pinned one,
@@ -307,7 +360,9 @@ class SshClient:
             _check_stopping()
             if attempt and hasattr(input, "seek"):
                 input.seek(0)  # type: ignore[union-attr]
-            result, log = self._run_once(command, input=input, timeout=timeout, on_line=on_line, hold_stdin=hold_stdin)
+            result, log = self._run_once(
+                command, input=input, timeout=timeout, on_line=on_line, supervision=supervision
+            )
             if result.exit_code != 255 or not log.strip():
                 break  # the remote command's own exit code, 255 included: never retried
             _raise_for_ssh_error(log, self.target)
@@ -328,65 +383,82 @@ class SshClient:
         input: Any,
         timeout: float | None,
         on_line: LineCallback | None,
-        hold_stdin: bool = False,
+        supervision: Supervision | None = None,
     ) -> tuple[CommandResult, str]:
         pass_file = input is not None and not isinstance(input, (bytes, bytearray))
-        piped = input is not None or hold_stdin
+        # A supervised command's stdin stays open (and silent): the wrapper's own watcher,
+        # where it has one (remote.supervised), waits for its end.
+        piped = input is not None or supervision is not None
         stdin = input if pass_file else (subprocess.PIPE if piped else subprocess.DEVNULL)
         proc, log = self._start(command, stdin, timeout)
+        watch = _Watch(self, supervision) if supervision is not None else None
+        finished = False
         try:
-            result = self._wait(proc, input, pass_file, timeout, on_line)
+            result = self._wait(proc, input, pass_file, timeout, on_line, watch)
+            finished = not stopping.is_set()
         finally:
-            if hold_stdin and proc.stdin is not None:
+            if proc.stdin is not None and supervision is not None:
                 proc.stdin.close()
             _untrack(proc)
+            if watch is not None:
+                watch.end(stop=not finished)
             messages = _messages(proc, log)
         return result, messages
 
-    def _start(self, command: str, stdin: Any, timeout: float | None = None) -> tuple[Process, str | None]:
-        """Start ``command`` with its stdout and stderr as pipes: in a session of this node's
-        open shared connection when there is one (vtool.mux: no ssh process), else with
-        ``ssh``. Returns the process and the file ssh writes its own messages to (None for
-        a session: its failures are the process's ``lost``). ``timeout``: the command's, which
-        also bounds the wait for a session to open."""
+    def _start(
+        self, command: str, stdin: Any, timeout: float | None = None, *, quiet: bool = False, track: bool = True
+    ) -> tuple[Process, str | None]:
+        """Start ``command`` with its stdout and stderr as pipes (``quiet``: to /dev/null):
+        in a session of this node's open shared connection when there is one (vtool.mux: no
+        ssh process), else with ``ssh``. Returns the process and the file ssh writes its own
+        messages to (None for a session: its failures are the process's ``lost``).
+        ``timeout``: the command's, which also bounds the wait for a session to open.
+        ``track=False``: Ctrl-C neither refuses nor stops it (what vtool runs to stop a
+        command on the node, see ``_Watch``)."""
+        outputs = subprocess.DEVNULL if quiet else subprocess.PIPE
+        keep = _track if track else (lambda proc: proc)
+        drop = _untrack if track else (lambda proc: None)
         if self.direct:
             assert self.control_path is not None
             early.wait(self.control_path, self.connect_timeout + 5)  # (vtool.early)
-            session = _track(mux.MuxProcess(self.control_path))  # Ctrl-C stops it while it opens
+            session = keep(mux.MuxProcess(self.control_path))  # Ctrl-C stops it while it opens
             try:
-                _check_stopping()
+                if track:
+                    _check_stopping()
                 session.open(
                     command,
                     stdin=stdin,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
+                    stdout=outputs,
+                    stderr=outputs,
                     open_timeout=min(self.connect_timeout + 5, timeout or float("inf")),
                 )
                 return session, None
             except mux.Uncertain as e:
-                _untrack(session)
-                _check_stopping()
+                drop(session)
+                if track:
+                    _check_stopping()
                 raise NodeError(str(e)) from None
             except mux.Unavailable:
-                _untrack(session)  # no usable master: ssh opens one
-                _check_stopping()
+                drop(session)  # no usable master: ssh opens one
+                if track:
+                    _check_stopping()
             except BaseException:
-                _untrack(session)
+                drop(session)
                 raise
         log = self._log_file()
         try:
             proc = subprocess.Popen(
                 self.argv(command, log=log),
                 stdin=stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=outputs,
+                stderr=outputs,
                 start_new_session=True,  # Ctrl-C reaches vtool, which stops these (kill_running)
                 env=self.env(),
             )
         except BaseException:
             Path(log).unlink(missing_ok=True)
             raise
-        return _track(proc), log
+        return keep(proc), log
 
     def _log_file(self) -> str:
         import tempfile
@@ -402,6 +474,7 @@ class SshClient:
         pass_file: bool,
         timeout: float | None,
         on_line: LineCallback | None,
+        watch: _Watch | None = None,
     ) -> CommandResult:
         if input is not None and not pass_file:
 
@@ -417,15 +490,13 @@ class SshClient:
         deadline = time.monotonic() + timeout if timeout else None
         try:
             assert proc.stdout is not None and proc.stderr is not None
-            out, err = _collect(proc.stdout, proc.stderr, on_line, deadline)
+            out, err = _collect(proc.stdout, proc.stderr, on_line, deadline, watch)
             rc = proc.wait(timeout=None if deadline is None else max(0.001, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            _abandon(proc, watch)
             raise NodeError(f"timed out after {timeout:g}s") from None
         except BaseException:
-            proc.kill()
-            proc.wait()
+            _abandon(proc, watch)
             raise
         return CommandResult(rc, out, err)
 
@@ -465,13 +536,27 @@ class SshClient:
         return CommandResult(rc, "", err)
 
 
+def _abandon(proc: Process, watch: _Watch | None) -> None:
+    """Stop waiting for a command: stop its client and (supervised) the command on its node,
+    whose session, in a master, lasts until the command ends."""
+    proc.kill()
+    if watch is not None:
+        watch.end(stop=True)
+    proc.wait()
+
+
 def _collect(
-    stdout: IO[bytes], stderr: IO[bytes], on_line: LineCallback | None, deadline: float | None
+    stdout: IO[bytes],
+    stderr: IO[bytes],
+    on_line: LineCallback | None,
+    deadline: float | None,
+    watch: _Watch | None = None,
 ) -> tuple[str, str]:
     """Read a command's stdout and stderr until both end, in this thread (no thread per
     stream: with one per node, starting two more per command cost more than the reading),
     handing ``on_line`` each complete line as it arrives. Raises subprocess.TimeoutExpired
-    at ``deadline`` (time.monotonic()). Both are closed at the end."""
+    at ``deadline`` (time.monotonic()). Both are closed at the end. With ``watch``, the
+    wrapper's line is taken out of stderr, and the guard started when it is due."""
     names = {stdout.fileno(): "out", stderr.fileno(): "err"}
     got: dict[str, list[str]] = {"out": [], "err": []}
     pending: dict[str, list[bytes]] = {"out": [], "err": []}  # the line read so far
@@ -479,13 +564,21 @@ def _collect(
     poller = select.poll()
     for fd in names:
         poller.register(fd, select.POLLIN)
+    stop = stopping.fileno()
+    poller.register(stop, select.POLLIN)
     try:
         while names:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+            until = deadline if watch is None or watch.due is None else min(deadline or watch.due, watch.due)
+            wait = None if until is None else max(0.0, until - time.monotonic()) * 1000
             events = poller.poll(wait)
-            if deadline is not None and time.monotonic() >= deadline:  # (also for a chatty command)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:  # (also for a chatty command)
                 raise subprocess.TimeoutExpired("ssh", 0)
+            if watch is not None and watch.due is not None and now >= watch.due:
+                watch.start_guard()
             for fd, _ in events:
+                if fd == stop:
+                    raise NodeError("interrupted")
                 name = names[fd]
                 chunk = os.read(fd, 65536)
                 if not chunk:  # the end: a last line may have no newline
@@ -501,6 +594,8 @@ def _collect(
                     continue
                 for raw in lines:
                     line = raw.decode(errors="replace")
+                    if watch is not None and name == "err" and watch.mark(line):
+                        continue
                     got[name].append(line)
                     if callback is not None:
                         try:
@@ -511,6 +606,104 @@ def _collect(
         stdout.close()
         stderr.close()
     return "".join(got["out"]), "".join(got["err"])
+
+
+# remote.supervised writes this line to stderr, ahead of the command's own output, naming the
+# process group the command leads on its node (the session's shell); vtool takes it out.
+PGID_MARK = "\x1evtool-pgid "
+# A supervised command that has run this long gets a guard (``_Watch``).
+GUARD_AFTER = 1.0
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """How a supervised command (``remote.supervised``) is stopped on its node: ``stop(pgid)``
+    stops its process group now if its leader still runs; ``guard(pgid)`` does the same once
+    its own stdin ends."""
+
+    stop: Callable[[int], str]
+    guard: Callable[[int], str]
+
+
+class _Watch:
+    """Stops a supervised command on its node when vtool does not wait for it to finish.
+
+    - It times out, or vtool is interrupted (Ctrl-C): ``end`` runs ``stop`` on the node.
+    - vtool itself goes away (killed, its machine or network lost): once the command has
+      run for GUARD_AFTER seconds, a second session, the guard, waits on the node for the
+      end of its stdin, which comes when this client's side of the connection goes away
+      (or when ``end`` closes it), and then stops the command if it still runs.
+
+    Commands that finish sooner (most: ``hostname``, a check, a copy) need no process on the
+    node besides their own. (A watcher forked by every command's shell, as before, cost
+    each command 0.6-0.9 ms of the node's CPU; 64 warm nodes ran `hostname` in 0.197 s with
+    it and 0.172 s without, machine CPU 0.40 s against 0.34 s.)"""
+
+    def __init__(self, client: SshClient, supervision: Supervision) -> None:
+        self.client = client
+        self.supervision = supervision
+        self.pgid: int | None = None
+        self.due: float | None = time.monotonic() + GUARD_AFTER
+        self.guard: tuple[Process, str | None] | None = None
+        self.ended = False
+
+    def mark(self, line: str) -> bool:
+        """Whether ``line`` (of stderr) is the wrapper's; it names the process group."""
+        if self.pgid is not None or not line.startswith(PGID_MARK):
+            return False
+        try:
+            self.pgid = int(line[len(PGID_MARK) :])
+        except ValueError:
+            return False
+        return True
+
+    def start_guard(self) -> None:
+        """Start the guard (once the command has named its group); never raises."""
+        if self.pgid is None:  # (no line yet: a slow login script, or a wrapper with a watcher of its own)
+            self.due = time.monotonic() + GUARD_AFTER
+            return
+        self.due = None
+        try:
+            self.guard = self.client._start(self.supervision.guard(self.pgid), subprocess.PIPE, quiet=True)
+        except Exception:  # (VtoolError, OSError: the command itself goes on regardless)
+            pass
+
+    def end(self, stop: bool) -> None:
+        """The command is over (``stop``: vtool did not wait for it to finish): end the
+        guard, which then stops the command if it still runs, and with ``stop`` stop it at
+        once as well (the guard may have been cut before it read its end). Only the first
+        call does anything; it never raises."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.guard is not None:
+            proc, log = self.guard
+            try:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+                try:
+                    proc.wait(timeout=self.client.connect_timeout + 5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            except Exception:
+                pass
+            finally:
+                _untrack(proc)
+                _messages(proc, log)
+        if stop and self.pgid is not None:
+            try:
+                proc, log = self.client._start(
+                    self.supervision.stop(self.pgid), subprocess.DEVNULL, quiet=True, track=False
+                )
+                try:
+                    proc.wait(timeout=min(10.0, self.client.connect_timeout + 5))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                _messages(proc, log)
+            except Exception:  # the node is unreachable: nothing more to do from here
+                pass
 
 
 class Stream:
