@@ -1580,7 +1580,7 @@ include starting Python and importing the library, as vtool's CLI rows do.
 
 | tool | how | host keys | key exchange | parallelism |
 |---|---|---|---|---|
-| vtool | `vtool run hostname --nodes 0-N-1`, `vtool scpgetall` | pinned, strict (the cluster's known_hosts) | curve25519-sha256 (vtool's default `ssh.kex`) | `concurrency` default 32; shared connections (ControlMaster, ControlPersist 300 s), opened while vtool starts; commands go to the open master directly, with no ssh process per command (`vtool/mux.py`) |
+| vtool | `vtool run hostname --nodes 0-N-1`, `vtool scpgetall` | pinned, strict (the cluster's known_hosts) | curve25519-sha256 (vtool's default `ssh.kex`) | `concurrency` default 64; shared connections (ControlMaster, ControlPersist 300 s), opened while vtool starts; commands go to the open master directly, with no ssh process per command (`vtool/mux.py`) |
 | parallel-ssh | `ParallelSSHClient(...).run_command`, `copy_remote_file` (SFTP) | **not verified before connecting**: parallel-ssh has no known_hosts option; the bench compares each server's key with the pinned one afterwards and fails the node on a mismatch | libssh2's default | `pool_size=N` |
 | Fabric | `ThreadingGroup.from_connections(...)`, `.run`, `.get` (SFTP) | strict: `RejectPolicy` and a known_hosts file translated to `[127.0.0.1]:PORT` names | paramiko's default | one thread per node |
 | ansible-core | `ansible all -i INVENTORY -m command -a hostname -f N`, `-m fetch` | strict: the cluster's known_hosts with `HostKeyAlias` per host | OpenSSH's default (sntrup761x25519) | `-f N`; pipelining on, interpreter given (both favour ansible); ControlPersist 60 s (its default) |
@@ -1596,7 +1596,7 @@ measured run packs:
 
 | tool | how | parallelism |
 |---|---|---|
-| vtool | `vtool inject FOLDER --nodes 0-N-1`: the client sends the package once to one node, which passes it on to two others as it arrives, and so on down a binary tree (from 4 nodes and 1 MB up, `inject.relay`; each node unpacks its copy as soon as it is complete), unpack it into `~/.vtool/releases/NAME-HASH`, point `~/NAME` at it and start its `vtool-launch` (here `true`); a node that has the release gets nothing, one that has the previous release a delta (under 1 MB, sent to each node directly) | `concurrency` 32 |
+| vtool | `vtool inject FOLDER --nodes 0-N-1`: the client sends the package once to one node, which passes it on to two others as it arrives, and so on down a binary tree (from 4 nodes and 1 MB up, `inject.relay`; each node unpacks its copy as soon as it is complete), unpack it into `~/.vtool/releases/NAME-HASH`, point `~/NAME` at it and start its `vtool-launch` (here `true`); a node that has the release gets nothing, one that has the previous release a delta (under 1 MB, sent to each node directly) | `concurrency` 64 (default) |
 | parallel-ssh | `ParallelSSHClient.scp_send(TARBALL, ...)`, then `run_command("mkdir -p D && tar -xzf ... -C D")` | `pool_size=N` |
 | Fabric | `ThreadingGroup.put` (SFTP), then `ThreadingGroup.run` of the same `tar` | one thread per node |
 | ansible-core | `ansible all -m unarchive -a "src=TARBALL dest=..." -f N` (copies the tarball, unpacks it) | `-f N` |

@@ -26,7 +26,7 @@ def test_every_level_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.delenv(k)
     d = _layers(tmp_path)
     s = _load(d)
-    assert (s.cluster, s.provider, s.concurrency, s.timeout.ready) == ("default", "local", 32, 60.0)
+    assert (s.cluster, s.provider, s.concurrency, s.timeout.ready) == ("default", "local", 64, 60.0)
     (d["etc"] / "vtool.yaml").write_text("concurrency: 4\ntimeout:\n  ready: 11\n  connect: 3\ncluster: from-etc\n")
     (d["user"] / ".vtool.yaml").write_text("concurrency: 5\ncluster: from-user\n")
     (d["project"] / "vtool.yaml").write_text(

@@ -33,7 +33,7 @@ VTOOL_DEFAULTS: dict[str, Any] = {
     "provider": "local",  # local | ec2 | a plugin's provider
     "home": "~/.vtool",  # where all local state lives (VTOOL_HOME)
     "debug": False,  # show full tracebacks of unexpected errors on nodes (VTOOL_DEBUG=1: of every error)
-    "concurrency": 32,  # at most this many nodes are worked on at once
+    "concurrency": 64,  # at most this many nodes are worked on at once (as clush's fanout)
     "timeout": {
         "connect": 10,  # seconds to open an SSH connection to a node
         "ready": 60,  # seconds launch waits for new nodes to accept SSH
