@@ -166,3 +166,22 @@ def test_start_up_pauses_the_garbage_collector_and_the_task_runs_with_it() -> No
     assert r.stdout.strip().splitlines()[-1] == str(
         [("start", False), ("task", True, True), ("after", True), ("start", False), ("after", True)]
     ), r.stdout
+
+
+def test_a_command_line_is_parsed_against_the_tasks_it_names() -> None:
+    """(VtoolProgram._make_parser) Help for a task either way round, a task's options, an
+    unknown word and shell completion of every task, as Invoke gives them."""
+
+    def vtool(*args: str) -> subprocess.CompletedProcess[str]:
+        script = Path(sys.executable).with_name("vtool")  # (as installed: completion reads its name)
+        return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=REPO)
+
+    for args in (("--help", "scpget"), ("scpget", "--help")):
+        r = vtool(*args)
+        assert r.returncode == 0 and "Usage: vtool [--core-opts] scpget" in r.stdout and "--node" in r.stdout, r
+    r = vtool("nosuch", "run")
+    assert r.returncode != 0 and "No idea what 'nosuch' is!" in r.stderr, r
+    r = vtool("--complete", "--", "vtool", "s")
+    assert {"scpget", "scpgetall", "status", "ssh-config", "terminate"} <= set(r.stdout.split()), r
+    r = vtool("--complete", "--", "vtool", "run", "--")
+    assert "--only-failed" in r.stdout.split(), r
