@@ -211,3 +211,43 @@ def test_node_whose_sshd_died_is_cleaned_up_completely(cluster3: Env) -> None:
     wait_for(lambda: not [p for p in children if _proc_alive(p)])
     muxes = pids_whose_cmdline_has(str(cm))
     assert not muxes, f"shared SSH connections left open: {muxes}"
+
+
+def test_a_node_that_hangs_mid_command_keeps_a_timeout_waiting_only_briefly(cluster3: Env) -> None:
+    """Node 0 stops answering (SIGSTOP) while its command runs, with its guard up: the
+    timeout still ends vtool's wait within STOP_WITHIN per try (the guard's and the stop
+    session's), not a connection timeout each; once the node runs again, the guard's closed
+    session stops the command. The other nodes finish as usual."""
+    import sys
+    import time
+
+    from vtool.ssh import GUARD_AFTER, STOP_WITHIN
+
+    cluster3.ok("run", "true")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vtool", "run", "echo started; sleep 1401; echo never"],
+        cwd=cluster3.work,
+        env={**cluster3.env, "VTOOL_TIMEOUT_COMMAND": "4", "VTOOL_TIMEOUT_CONNECT": "10"},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    for _ in range(3):
+        assert "started" in proc.stdout.readline()
+    time.sleep(GUARD_AFTER + 0.5)
+    t0 = time.monotonic()
+    pids = _kill_node(cluster3, 0, signal.SIGSTOP)
+    try:
+        out, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 1 and "timed out after 4s" in err and "never" not in out, err
+    # (4 s of the command's time were left; a connection timeout per try would be 15 s each)
+    assert waited < 4 + 3 * STOP_WITHIN + 4, waited
+    wait_for(lambda: not pids_whose_cmdline_has("sleep 1401"), timeout=30)

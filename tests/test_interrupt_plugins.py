@@ -170,3 +170,18 @@ def test_a_long_command_is_stopped_when_vtool_is_killed(cluster3: Env) -> None:
     assert len(left) == 1
     os.kill(left[0], signal.SIGKILL)
 
+
+
+def test_a_closed_terminal_stops_the_command_as_ctrl_c_does(cluster3: Env) -> None:
+    """SIGHUP (the terminal vtool ran in was closed) is Ctrl-C: the command stops on the
+    nodes, in its first second too (no guard yet), and vtool exits 130."""
+    proc = subprocess.Popen([sys.executable, "-m", "vtool", "run", "echo started; sleep 81"], cwd=cluster3.work,
+                            env=cluster3.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    for _ in range(3):
+        assert "started" in proc.stdout.readline()
+    wait_for(lambda: len(_sleepers(cluster3, "sleep 81")) == 3)
+    proc.send_signal(signal.SIGHUP)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    wait_for(lambda: not _sleepers(cluster3, "sleep 81"))

@@ -409,3 +409,19 @@ def test_a_supervised_commands_output_is_its_own(cluster3: Env) -> None:
     )
     assert (r.exit_code, r.stdout, r.stderr) == (0, "o\n", "e\n0\n")
     assert sorted(lines) == [("err", "0"), ("err", "e"), ("out", "o")]
+    # A login script that writes to stderr without a newline: its text is kept, the
+    # wrapper's line still found (a timeout then stops the command).
+    rc = cluster3.node_home(0) / ".bashrc"
+    before = rc.read_text()
+    rc.write_text("printf rc-noise >&2\n" + before)
+    try:
+        r = client.run(remote.supervised("echo e >&2"), supervision=remote.SUPERVISION)
+        # (this node's bash reads it more than once, under plain ssh as well)
+        assert r.exit_code == 0 and r.stderr.startswith("rc-noise") and r.stderr.replace("rc-noise", "") == "\ne\n"
+        from vtool.errors import NodeError
+
+        with pytest.raises(NodeError, match="timed out"):
+            client.run(remote.supervised("sleep 1402"), supervision=remote.SUPERVISION, timeout=1)
+        wait_for(lambda: not pids_whose_cmdline_has("sleep 1402"))
+    finally:
+        rc.write_text(before)

@@ -133,6 +133,19 @@ _CONNECT_FAILURES = (
 _BLANK = re.compile(r"\s")
 
 
+def _is_address(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address (not a name)."""
+    import socket
+
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False
+
+
 def ssh_options(
     target: SshTarget,
     *,
@@ -199,8 +212,10 @@ class SshClient:
         connector: str | None = None,
     ) -> None:
         self.target = target
-        # vtool-connect (connect_helper), when there is one and no jump host is in the way.
-        self.connector = None if target.proxy_jump else connector
+        # vtool-connect (connect_helper), when there is one, no jump host is in the way and
+        # the host is an address (a static build resolves names without the system's NSS
+        # modules: a name that only they know is left to ssh).
+        self.connector = None if target.proxy_jump or not _is_address(target.host) else connector
         self.program = program
         self.control_dir = control_dir
         self.control_path = str(control_dir / control_name) if control_dir is not None else None
@@ -395,7 +410,7 @@ class SshClient:
         finished = False
         try:
             result = self._wait(proc, input, pass_file, timeout, on_line, watch)
-            finished = not stopping.is_set()
+            finished = result.exit_code >= 0  # (negative: killed here, its end unknown)
         finally:
             if proc.stdin is not None and supervision is not None:
                 proc.stdin.close()
@@ -594,8 +609,10 @@ def _collect(
                     continue
                 for raw in lines:
                     line = raw.decode(errors="replace")
-                    if watch is not None and name == "err" and watch.mark(line):
-                        continue
+                    if watch is not None and name == "err":
+                        line = watch.take(line)
+                        if not line:
+                            continue
                     got[name].append(line)
                     if callback is not None:
                         try:
@@ -613,6 +630,9 @@ def _collect(
 PGID_MARK = "\x1evtool-pgid "
 # A supervised command that has run this long gets a guard (``_Watch``).
 GUARD_AFTER = 1.0
+# Seconds vtool gives a node to open (and finish) the guard or the stop session of a command:
+# a node that does not answer keeps a timeout or Ctrl-C waiting this long at most.
+STOP_WITHIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -647,15 +667,19 @@ class _Watch:
         self.guard: tuple[Process, str | None] | None = None
         self.ended = False
 
-    def mark(self, line: str) -> bool:
-        """Whether ``line`` (of stderr) is the wrapper's; it names the process group."""
-        if self.pgid is not None or not line.startswith(PGID_MARK):
-            return False
+    def take(self, line: str) -> str:
+        """``line`` (of stderr) without the wrapper's line, which names the process group (a
+        login script's stderr may come before it, without a newline of its own)."""
+        if self.pgid is not None:
+            return line
+        at = line.find(PGID_MARK)
+        if at < 0:
+            return line
         try:
-            self.pgid = int(line[len(PGID_MARK) :])
+            self.pgid = int(line[at + len(PGID_MARK) :])
         except ValueError:
-            return False
-        return True
+            return line
+        return line[:at] + "\n" if at else ""
 
     def start_guard(self) -> None:
         """Start the guard (once the command has named its group); never raises."""
@@ -664,7 +688,9 @@ class _Watch:
             return
         self.due = None
         try:
-            self.guard = self.client._start(self.supervision.guard(self.pgid), subprocess.PIPE, quiet=True)
+            self.guard = self.client._start(
+                self.supervision.guard(self.pgid), subprocess.PIPE, timeout=STOP_WITHIN, quiet=True
+            )
         except Exception:  # (VtoolError, OSError: the command itself goes on regardless)
             pass
 
@@ -679,10 +705,12 @@ class _Watch:
         if self.guard is not None:
             proc, log = self.guard
             try:
-                if proc.stdin is not None:
+                if stop:  # its session ends: it stops the command (the node may not answer)
+                    proc.kill()
+                elif proc.stdin is not None:
                     proc.stdin.close()
                 try:
-                    proc.wait(timeout=self.client.connect_timeout + 5)
+                    proc.wait(timeout=STOP_WITHIN)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
@@ -694,15 +722,15 @@ class _Watch:
         if stop and self.pgid is not None:
             try:
                 proc, log = self.client._start(
-                    self.supervision.stop(self.pgid), subprocess.DEVNULL, quiet=True, track=False
+                    self.supervision.stop(self.pgid), subprocess.DEVNULL, timeout=STOP_WITHIN, quiet=True, track=False
                 )
                 try:
-                    proc.wait(timeout=min(10.0, self.client.connect_timeout + 5))
+                    proc.wait(timeout=STOP_WITHIN)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
                 _messages(proc, log)
-            except Exception:  # the node is unreachable: nothing more to do from here
+            except Exception:  # the node does not answer: nothing more to do from here
                 pass
 
 
@@ -853,39 +881,38 @@ FAILED_BUILD_RETRY = 24 * 3600  # seconds before a failed build of vtool-connect
 
 def connect_helper(folder: Path) -> str | None:
     """The path of vtool-connect (vtool/connect.c), compiled once into ``folder`` (a private
-    folder, created 0700) with ``musl-gcc`` or ``cc`` (HELPER_BUILDS) when there is one; None when it cannot
-    be had (ssh then connects by itself, only slower to open a connection). Only a file this
-    user built, in a folder no one else can write, is used. A failed build is tried again a
-    day later (e.g. once the C headers are installed)."""
+    folder, created 0700) by the first compiler of HELPER_BUILDS there is; None when it
+    cannot be had (ssh then connects by itself, only slower to open a connection). Only a
+    file this user built, in a folder no one else can write, is used. A program is named
+    after its source and recipe: a better one is built once its compiler is installed, and
+    a failed build is tried again a day later (e.g. once the C headers are installed)."""
     key = str(folder)
     if key in _helper:
         return _helper[key]
     import hashlib
+    import shutil
 
     source = Path(__file__).with_name("connect.c")
-    try:
-        code = source.read_bytes()
-    except OSError:
-        _helper[key] = None
-        return None
-    exe = folder / f"vtool-connect-{hashlib.sha256(code + repr(HELPER_BUILDS).encode()).hexdigest()[:12]}"
-    failed = exe.with_name(exe.name + ".failed")
     found: str | None = None
     try:
-        recent_failure = time.time() - failed.stat().st_mtime < FAILED_BUILD_RETRY
-    except OSError:
-        recent_failure = False
-    try:
+        code = source.read_bytes()
         ensure_private_dir(folder)
-        private = True
-    except (OSError, VtoolError):  # another user's folder, or a link: do without
-        private = False
-    if not private:
-        pass  # someone else could have put a program there
-    elif _own_program(exe) and os.access(exe, os.X_OK):
-        found = str(exe)
-    elif not recent_failure:
-        found = _build_helper(source, exe, failed)
+    except (OSError, VtoolError):  # no source, or another user's folder, or a link: do without
+        _helper[key] = None
+        return None
+    for recipe in HELPER_BUILDS:
+        exe = folder / f"vtool-connect-{hashlib.sha256(code + repr(recipe).encode()).hexdigest()[:12]}"
+        if _own_program(exe) and os.access(exe, os.X_OK):
+            found = str(exe)
+            break
+        failed = exe.with_name(exe.name + ".failed")
+        try:
+            recent_failure = time.time() - failed.stat().st_mtime < FAILED_BUILD_RETRY
+        except OSError:
+            recent_failure = False
+        if not recent_failure and shutil.which(recipe[0]) and _build_helper(recipe, source, exe, failed):
+            found = str(exe)
+            break
     _helper[key] = found
     return found
 
@@ -897,37 +924,31 @@ def connect_helper(folder: Path) -> str | None:
 HELPER_BUILDS = (("musl-gcc", "-O2", "-static"), ("cc", "-O2"))
 
 
-def _build_helper(source: Path, exe: Path, failed: Path) -> str | None:
-    import shutil
-
+def _build_helper(recipe: tuple[str, ...], source: Path, exe: Path, failed: Path) -> bool:
+    """Build ``exe`` with ``recipe`` (compiler and flags); a failure leaves ``failed``."""
     tmp = exe.with_name(f".{exe.name}.{os.getpid()}")
-    tried = False
     try:
-        for compiler, *flags in HELPER_BUILDS:
-            if not shutil.which(compiler):
-                continue
-            tried = True
-            r = subprocess.run(
-                [compiler, *flags, "-o", str(tmp), str(source)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=60,
-                check=False,
-            )
-            if r.returncode == 0:
-                os.chmod(tmp, 0o700)
-                os.replace(tmp, exe)
-                return str(exe)
-        if tried:
-            failed.touch()
-    except subprocess.TimeoutExpired:
-        failed.touch()
+        r = subprocess.run(
+            [*recipe, "-o", str(tmp), str(source)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+        if r.returncode == 0:
+            os.chmod(tmp, 0o700)
+            os.replace(tmp, exe)
+            return True
     except (OSError, subprocess.SubprocessError):
         pass
     finally:
         tmp.unlink(missing_ok=True)
-    return None
+    try:
+        failed.touch()
+    except OSError:
+        pass
+    return False
 
 
 def which_local(name: str, extra: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin", "/sbin")) -> str | None:

@@ -84,10 +84,14 @@ def vtool_task(
         @functools.wraps(body)
         def wrapper(c: Any, *args: Any, **kw: Any) -> Any:
             debug = os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on")
-            previous = None
+            previous = {}
             if threading.current_thread() is threading.main_thread():
-                # SIGTERM stops vtool as Ctrl-C does: in order, closing what it opened.
-                previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+                # SIGTERM stops vtool as Ctrl-C does: in order, closing what it opened (and
+                # stopping its commands on the nodes); so does SIGHUP (its terminal closed),
+                # unless it is ignored (nohup).
+                previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+                if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+                    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _sigterm_as_interrupt)
             try:
                 return body(c, *args, **kw)
             except VtoolError as e:
@@ -99,8 +103,8 @@ def vtool_task(
                     raise
                 raise Exit("vtool: interrupted", code=130) from None
             finally:
-                if previous is not None:
-                    signal.signal(signal.SIGTERM, previous)
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
         params = inspect.signature(body).parameters
         common = {k: v for k, v in COMMON_HELP.items() if k in params}
