@@ -562,6 +562,9 @@ def _one_program(command: str) -> bool:
     )
 
 
+_DRAIN = "while read -r _; do :; done"  # until vtool's end closes (a builtin: no program starts)
+
+
 def supervised(command: str) -> str:
     """Run ``command`` as ``ssh node COMMAND`` would (evaluated by the session's login shell),
     with the node's VTOOL_* variables set (as the launch script has them) and stdin empty.
@@ -595,7 +598,6 @@ def supervised(command: str) -> str:
             f'if [ -n "${{BASH_VERSION-}}" ] && ! declare -F {first} >/dev/null && ! alias {first} >/dev/null 2>&1; '
             f"then unset vtool_c; exec {command}; fi; {run}"
         )
-    drain = "while read -r _; do :; done"  # until vtool's end closes (a builtin: no program starts)
     mark = "\\036" + PGID_MARK[1:]
     return "\n".join(
         [
@@ -611,7 +613,7 @@ def supervised(command: str) -> str:
             "if command -v setsid >/dev/null 2>&1; then vtool_s=setsid; else vtool_s=; fi",
             f'$vtool_s {shell} -c "$vtool_c" </dev/null 3<&- &',
             "vtool_pid=$!",
-            f'({drain}; kill -TERM -"$vtool_pid" 2>/dev/null || kill -TERM "$vtool_pid") <&3 >/dev/null 2>&1 &',
+            f'({_DRAIN}; kill -TERM -"$vtool_pid" 2>/dev/null || kill -TERM "$vtool_pid") <&3 >/dev/null 2>&1 &',
             "vtool_watch=$!",
             "exec 3<&-",
             'wait "$vtool_pid"',
@@ -629,7 +631,7 @@ def _stop_group(pgid: int) -> str:
 
 
 def _guard_group(pgid: int) -> str:
-    return f"while read -r _; do :; done; {_stop_group(pgid)}"
+    return f"{_DRAIN}; {_stop_group(pgid)}"
 
 
 # How vtool stops a supervised command on its node (ssh._Watch).
