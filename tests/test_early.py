@@ -91,6 +91,69 @@ def test_what_was_remembered_is_not_used_once_it_may_be_wrong(venv: Env) -> None
     assert "while starting" not in r.stderr
 
 
+def _recorded(env: Env) -> dict[str, Any]:
+    import json
+
+    [record] = _records(env)
+    return json.loads(record.read_text())["nodes"]  # type: ignore[no-any-return]
+
+
+def test_the_record_follows_nodes_that_stop_and_start_again(venv: Env) -> None:
+    """A command that found its record valid writes it again only if the nodes changed (a
+    node stopped or started leaves the stamped files as they were): the next start-up then
+    opens connections to the nodes that run, at their ports now."""
+    venv.ok("launch", "2")
+    venv.ok("run", "true")
+    assert sorted(_recorded(venv)) == ["0", "1"]
+    venv.ok("stop", "--nodes", "1")
+    venv.ok("run", "true", "--nodes", "0")
+    assert sorted(_recorded(venv)) == ["0"]
+    before = _records(venv)[0].stat().st_mtime_ns
+    venv.ok("run", "true", "--nodes", "0")  # nothing changed: the record stays as it was
+    assert _records(venv)[0].stat().st_mtime_ns == before
+    venv.ok("start", "--nodes", "1")
+    venv.ok("run", "true")
+    recorded = _recorded(venv)
+    assert sorted(recorded) == ["0", "1"]
+    assert f"Port={venv.node_meta(1)['port']}" in recorded["1"]["argv"]  # type: ignore[index]
+    _close_connections(venv)
+    r = venv.ok("run", "true", extra_env={"VTOOL_DEBUG": "1"})
+    assert "opening 2 connection(s) while starting" in r.stderr and "2 ok, 0 failed" in r.stderr, r.stderr
+
+
+def test_waiting_for_an_opener_ends_with_it_or_at_its_timeout() -> None:
+    """early.wait_exit: the exit status as soon as the process ends (not at Popen's next
+    look), TimeoutExpired when it does not end in time, and a process already reaped."""
+    import time
+
+    from vtool.early import wait_exit
+
+    quick = subprocess.Popen(["sh", "-c", "exit 3"])
+    assert wait_exit(quick, 10) == 3
+    assert wait_exit(quick, 10) == 3  # reaped: Popen's own answer
+    slow = subprocess.Popen(["sleep", "30"])
+    try:
+        t0 = time.monotonic()
+        try:
+            wait_exit(slow, 0.2)
+            raise AssertionError("no timeout")
+        except subprocess.TimeoutExpired:
+            pass
+        assert 0.15 < time.monotonic() - t0 < 5
+    finally:
+        slow.kill()
+        slow.wait()
+
+
+def test_the_short_names_hash_as_sha256() -> None:
+    import hashlib
+
+    from vtool.state import sha256_hex
+
+    for data in (b"", b"vtool", bytes(range(256)) * 9):
+        assert sha256_hex(data) == hashlib.sha256(data).hexdigest()
+
+
 def test_refused_input_leaves_no_connection(venv: Env) -> None:
     """Input vtool can check at start-up (a missing folder, an unknown node) opens nothing;
     input only vtool itself refuses later closes what was opened, and stops what was still

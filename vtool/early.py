@@ -60,6 +60,7 @@ _pending: list[Any] = []  # connections from vtool-connect whose copy has not ar
 _opened: list[str] = []  # every socket start opened (for abandon)
 _contacted = False  # the command got past its checks and contacted the nodes (remember ran)
 _key_now: str | None = None  # this command's context (set by start), for remember
+_accepted: dict[str, Any] | None = None  # the record start found valid (for unchanged)
 
 
 def _flags(args: list[str]) -> tuple[dict[str, str], list[str]] | None:
@@ -192,6 +193,8 @@ def _start(args: list[str]) -> int:
         record = json.load(f)
     if record.get("context") != _key_now or _stamp(record["stamp_paths"]) != record["stamps"]:
         return 0
+    global _accepted
+    _accepted = record
     nodes = {int(i): n for i, n in record["nodes"].items()}
     spec = flags.get("nodes", "0" if args[0] == "scpget" else None)
     wanted = _wanted(spec, sorted(nodes))
@@ -383,12 +386,34 @@ def wait(socket: str, timeout: float) -> None:
     if proc is None:
         return
     try:
-        opened = proc.wait(timeout=timeout) == 0
+        opened = wait_exit(proc, timeout) == 0
     except Exception:  # not connected in time: the command connects by itself
         proc.kill()
         proc.wait()
         opened = False
     _use_copy(socket, opened)
+
+
+def wait_exit(proc: Any, timeout: float) -> int:
+    """``proc.wait(timeout)`` for a subprocess.Popen, woken by the exit itself (a pidfd, on
+    Linux) rather than by Popen's polling, which sleeps up to 50 ms between looks: a node's
+    first command would start that much later than its connection is up."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux 5.3+, or already reaped
+        return int(proc.wait(timeout=timeout))
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(max(0.0, timeout) * 1000):
+            import subprocess
+
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        os.close(fd)
+    return int(proc.wait())
 
 
 def abandon() -> None:
@@ -434,13 +459,27 @@ def contacted() -> bool:
     return _contacted
 
 
+def unchanged(signature: list[Any]) -> bool:
+    """Whether the record ``start`` used was written with this ``signature`` (what ``remember``
+    was given: then it would write the same record again). True counts as ``remember``."""
+    global _contacted
+    if _accepted is None or _accepted.get("signature") != signature:
+        return False
+    _contacted = True
+    return True
+
+
 def remember(
-    stamp_paths: list[str], concurrency: int, nodes: dict[int, tuple[str, list[str]]], connector: str | None
+    stamp_paths: list[str],
+    concurrency: int,
+    nodes: dict[int, tuple[str, list[str]]],
+    connector: str | None,
+    signature: list[Any] | None = None,
 ) -> None:
     """Write the record ``start`` reads for this command's context: per node index (socket,
     the ``ssh`` command that opens that shared connection in the background), and the
-    vtool-connect those commands use (``proxy_env``). Only when the record changed; never
-    raises."""
+    vtool-connect those commands use (``proxy_env``), with ``signature`` (any JSON list: see
+    ``unchanged``). Only when the record changed; never raises."""
     global _contacted
     _contacted = True
     if _key_now is None:
@@ -452,6 +491,7 @@ def remember(
             "stamps": _stamp(stamp_paths),
             "concurrency": concurrency,
             "connector": connector,
+            "signature": signature,
             "nodes": {str(i): {"socket": s, "argv": a} for i, (s, a) in sorted(nodes.items())[:RECORD_NODES]},
         }
         text = json.dumps(data, sort_keys=True)

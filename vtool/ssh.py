@@ -23,7 +23,7 @@ from typing import IO, Any
 from . import early, mux
 from .errors import HostKeyMismatch, NodeError, NodeUnreachable, VtoolError
 from .models import CommandResult, SshTarget
-from .state import ensure_private_dir
+from .state import ensure_private_dir, sha256_hex
 
 LineCallback = Callable[[str, str], None]  # (stream "out"|"err", line without newline)
 
@@ -506,7 +506,7 @@ class SshClient:
         try:
             assert proc.stdout is not None and proc.stderr is not None
             out, err = _collect(proc.stdout, proc.stderr, on_line, deadline, watch)
-            rc = proc.wait(timeout=None if deadline is None else max(0.001, deadline - time.monotonic()))
+            rc = proc.wait() if deadline is None else _await_exit(proc, max(0.001, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _abandon(proc, watch)
             raise NodeError(f"timed out after {timeout:g}s") from None
@@ -534,7 +534,7 @@ class SshClient:
                     proc.stdout.close()
                 proc.kill()
             try:
-                rc = proc.wait(timeout=30)
+                rc = _await_exit(proc, 30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = proc.wait()
@@ -549,6 +549,13 @@ class SshClient:
             _raise_for_ssh_error(log, self.target)
             raise NodeError(_ssh_error_line(log) or "SSH failed (exit 255)")
         return CommandResult(rc, "", err)
+
+
+def _await_exit(proc: Process, timeout: float) -> int:
+    """``proc.wait(timeout)``; an ``ssh`` process's end wakes it at once (early.wait_exit)."""
+    if isinstance(proc, mux.MuxProcess):
+        return proc.wait(timeout=timeout)
+    return early.wait_exit(proc, timeout)
 
 
 def _abandon(proc: Process, watch: _Watch | None) -> None:
@@ -710,7 +717,7 @@ class _Watch:
                 elif proc.stdin is not None:
                     proc.stdin.close()
                 try:
-                    proc.wait(timeout=STOP_WITHIN)
+                    _await_exit(proc, STOP_WITHIN)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
@@ -725,7 +732,7 @@ class _Watch:
                     self.supervision.stop(self.pgid), subprocess.DEVNULL, timeout=STOP_WITHIN, quiet=True, track=False
                 )
                 try:
-                    proc.wait(timeout=STOP_WITHIN)
+                    _await_exit(proc, STOP_WITHIN)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
@@ -811,6 +818,7 @@ def _messages(proc: Process, log: str | None) -> str:
     Path(log).unlink(missing_ok=True)
     return text
 
+
 # What ssh adds when its ProxyCommand (vtool-connect) could not connect; the helper's own
 # line before it says why.
 _PROXY_NOISE = ("proxy dialer did not pass back a connection", "mm_receive_fd:")
@@ -889,7 +897,6 @@ def connect_helper(folder: Path) -> str | None:
     key = str(folder)
     if key in _helper:
         return _helper[key]
-    import hashlib
     import shutil
 
     source = Path(__file__).with_name("connect.c")
@@ -901,7 +908,7 @@ def connect_helper(folder: Path) -> str | None:
         _helper[key] = None
         return None
     for recipe in HELPER_BUILDS:
-        exe = folder / f"vtool-connect-{hashlib.sha256(code + repr(recipe).encode()).hexdigest()[:12]}"
+        exe = folder / f"vtool-connect-{sha256_hex(code + repr(recipe).encode())[:12]}"
         if _own_program(exe) and os.access(exe, os.X_OK):
             found = str(exe)
             break

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -204,12 +203,25 @@ def pinned_aliases(paths: ClusterPaths) -> set[str]:
         return set()
 
 
+def sha256_hex(data: bytes) -> str:
+    """``hashlib.sha256(data).hexdigest()``. Python's own sha256 where it has one: importing
+    hashlib loads OpenSSL, 2-3 ms of every command's start-up here, for a few short names."""
+    try:
+        from _sha256 import sha256  # CPython up to 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # type: ignore  # (3.12 and later)
+        except ImportError:
+            from hashlib import sha256  # type: ignore
+    return sha256(data).hexdigest()  # type: ignore[no-any-return]
+
+
 def control_dir_path(home: Path) -> Path:
     """Where the SSH connection-sharing sockets for ``home`` live (not created)."""
     candidate = home / "cm"
     # sun_path holds 107 bytes; OpenSSH adds "/" + a 40-char hash + a 17-char temporary suffix.
     if len(str(candidate)) > 48:
-        digest = hashlib.sha256(str(home).encode()).hexdigest()[:10]
+        digest = sha256_hex(str(home).encode())[:10]
         candidate = Path(tempfile.gettempdir()) / f"vtool-{os.getuid()}-{digest}"
     return candidate
 

@@ -193,6 +193,7 @@ class LocalProvider:
         self.settings = settings
         self.home: Path = settings.home
         self.user = settings.ssh.user or pwd.getpwuid(os.getuid()).pw_name
+        self._files: dict[str, tuple[str, str]] = {}  # cluster -> (key file, known_hosts) (ssh_target)
 
     # -- checks -------------------------------------------------------------------------
     def _sshd(self) -> str:
@@ -459,13 +460,16 @@ class LocalProvider:
 
     # -- reaching a node ------------------------------------------------------------------
     def ssh_target(self, node: Node) -> SshTarget:
-        paths = ClusterPaths(self.home, node.cluster)
+        files = self._files.get(node.cluster)
+        if files is None:  # (once per cluster, not per node: paths are slow to make)
+            paths = ClusterPaths(self.home, node.cluster)
+            files = self._files[node.cluster] = (str(paths.key), str(paths.known_hosts))
         return SshTarget(
             host=node.address,
             port=node.port,
             user=node.user,
-            key_file=str(paths.key),
-            known_hosts=str(paths.known_hosts),
+            key_file=files[0],
+            known_hosts=files[1],
             host_key_alias=node.host_key_alias,
         )
 
