@@ -142,8 +142,9 @@ class Session:
     def remember_connections(self, info: ClusterInfo) -> None:
         """Write down how to open each node's connection, for the next command's start-up
         (vtool.early). Not again when the record this command started from was written for
-        the same nodes and the same ``ssh`` command line (its first node's): an SSH client
-        for every node of the cluster only to find the record unchanged cost ~0.1 ms a node."""
+        the same nodes and the same ``ssh`` command line (its first node's): building an SSH
+        client for every node of the cluster only to find the record unchanged was 3.5 ms of
+        a command's CPU on a 64-node cluster."""
         running = [n for n in info.nodes if n.state == "running"]
         try:
             first = self.client(running[0]).opener_argv() if running else None

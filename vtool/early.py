@@ -396,8 +396,7 @@ def wait(socket: str, timeout: float) -> None:
 
 def wait_exit(proc: Any, timeout: float) -> int:
     """``proc.wait(timeout)`` for a subprocess.Popen, woken by the exit itself (a pidfd, on
-    Linux) rather than by Popen's polling, which sleeps up to 50 ms between looks: a node's
-    first command would start that much later than its connection is up."""
+    Linux) rather than by Popen's polling, which sleeps up to 50 ms between looks."""
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):  # not Linux 5.3+, or already reaped
