@@ -154,6 +154,35 @@ def test_the_short_names_hash_as_sha256() -> None:
         assert sha256_hex(data) == hashlib.sha256(data).hexdigest()
 
 
+def test_a_node_command_connects_before_it_loads_what_it_does_not_need(venv: Env) -> None:
+    """``vtool run`` opens its connections before typing is imported (only type checkers
+    import it in main, early and the package), and it loads neither hashlib (OpenSSL) nor
+    secrets. (Nor tempfile, when the connection sockets fit under VTOOL_HOME, as
+    ~/.vtool's do; the tests' VTOOL_HOME is too long for that.)"""
+    venv.ok("launch", "2")
+    venv.ok("run", "true")
+    code = (
+        "import sys\n"
+        "sys.argv = ['vtool', 'run', 'true']\n"
+        "import vtool.early as early\n"
+        "seen = {}\n"
+        "start = early.start\n"
+        "def watched(args):\n"
+        "    seen['typing'] = 'typing' in sys.modules\n"
+        "    return start(args)\n"
+        "early.start = watched\n"
+        "from vtool.main import main\n"
+        "main()\n"
+        "print('TYPING-AT-START=%s' % seen['typing'])\n"
+        "print('LOADED=' + ','.join(m for m in ('secrets', 'hashlib', '_hashlib') if m in sys.modules))\n"
+    )
+    _close_connections(venv)
+    r = venv.run_cmd([sys.executable, "-c", code], extra_env={"VTOOL_DEBUG": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "opening 2 connection(s) while starting" in r.stderr, r.stderr
+    assert r.stdout.strip().splitlines()[-2:] == ["TYPING-AT-START=False", "LOADED="], r.stdout
+
+
 def test_refused_input_leaves_no_connection(venv: Env) -> None:
     """Input vtool can check at start-up (a missing folder, an unknown node) opens nothing;
     input only vtool itself refuses later closes what was opened, and stops what was still

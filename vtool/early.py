@@ -34,7 +34,11 @@ import binascii
 import json
 import os
 import re
-from typing import Any
+
+# Only type checkers import typing here (~4 ms): vtool.early opens the connections sooner.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 VERBS = frozenset({"run", "inject", "scpget", "scpgetall", "put", "logs"})
 RECORD_NODES = 128  # a record names at most this many nodes (the first ones by index)

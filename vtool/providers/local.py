@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import os
 import pwd
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,6 +173,8 @@ def _screen_dir(home: Path, token: str) -> Path:
     inside = home / ".screen"
     if len(str(inside)) <= 70:
         return inside
+    import tempfile
+
     return Path(tempfile.gettempdir()) / f"vtool-screen-{os.getuid()}-{token[:16]}"
 
 
@@ -288,7 +288,7 @@ class LocalProvider:
         os.chmod(hostkey, 0o600)
         write_private(d / "authorized_keys", paths.pubkey.read_text(), 0o600)
         write_private(d / "shell", _SHELL, 0o755)
-        token = secrets.token_hex(12)
+        token = os.urandom(12).hex()  # (as secrets.token_hex, without importing hashlib and OpenSSL)
         screendir = ensure_private_dir(_screen_dir(home, token))  # `screen -r` sees only this node's sessions
         node_id = f"local-{cluster}-{index}-{token[:8]}"
         alias = f"vtool-{cluster}-{index}"
