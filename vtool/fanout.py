@@ -11,7 +11,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from queue import Empty, SimpleQueue
 from typing import Any
 
 from .errors import VtoolError
@@ -94,16 +95,27 @@ def fan_out(
     stopping.clear()  # a new operation (an earlier one may have been interrupted, in a program)
     size = max(1, concurrency)
     pool, own = _pool(size)
+    # Each operation's future, as it ends, is queued here: taking them one by one costs the
+    # same for every node, where concurrent.futures.wait(FIRST_COMPLETED) set up a waiter on
+    # every pending future at each call: 5.4 against 2.8 ms of CPU for 64 nodes, 170 against
+    # 46 ms for 1000 (concurrency 64).
+    finished: SimpleQueue[Future[NodeResult]] = SimpleQueue()
     pending: set[Future[NodeResult]] = set()
     try:
-        pending = {pool.submit(one, n) for n in nodes}
+        for n in nodes:
+            fut = pool.submit(one, n)
+            pending.add(fut)
+            fut.add_done_callback(finished.put)
         while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for fut in done:
-                r = fut.result()
-                results[r.index] = r
-                if on_done is not None:
-                    on_done(r)
+            try:
+                fut = finished.get(timeout=0.5)  # (looks again at least every 0.5 s, as the wait did)
+            except Empty:
+                continue
+            pending.discard(fut)
+            r = fut.result()
+            results[r.index] = r
+            if on_done is not None:
+                on_done(r)
     except BaseException:
         with changed:
             state["stopped"] = True
