@@ -145,6 +145,48 @@ def test_waiting_for_an_opener_ends_with_it_or_at_its_timeout() -> None:
         slow.wait()
 
 
+def test_an_opener_keeps_no_file_of_its_caller_and_is_waited_as_popen_is(tmp_path: Path) -> None:
+    """early.Opener (posix_spawn) runs its program as start's Popen did: in a session of its
+    own, stdin/stdout/stderr on /dev/null, holding no file vtool inherited (a pipe its caller
+    waits on would stay open as long as the ControlPersist master); poll, wait (with and
+    without a timeout), kill and wait_exit answer as Popen's."""
+    import select
+    import time
+
+    from vtool.early import Opener, wait_exit
+
+    r, w = os.pipe()
+    os.set_inheritable(w, True)  # as a file vtool got from whoever started it
+    try:
+        out = tmp_path / "fds"
+        script = f'a=$(readlink /proc/$$/fd/0 /proc/$$/fd/1 /proc/$$/fd/2); echo $a > {out}.t; mv {out}.t {out}; exec sleep 30'
+        p = Opener(["sh", "-c", script], dict(os.environ), Opener.spawn_actions())
+        os.close(w)
+        w = -1
+        assert os.getsid(p.pid) == p.pid
+        ready, _, _ = select.select([r], [], [], 10)
+        assert ready and os.read(r, 1) == b"", "the program holds the caller's pipe"
+        wait_for(out.exists, 10)
+        assert out.read_text().split() == ["/dev/null"] * 3, out.read_text()
+        assert p.poll() is None
+        try:
+            p.wait(timeout=0.1)
+            raise AssertionError("no timeout")
+        except subprocess.TimeoutExpired:
+            pass
+        p.kill()
+        assert p.wait() == -9 and p.poll() == -9
+        p.kill()  # (ended: nothing to do)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    quick = Opener(["sh", "-c", "exit 5"], dict(os.environ), Opener.spawn_actions())
+    t0 = time.monotonic()
+    assert wait_exit(quick, 10) == 5 and wait_exit(quick, 10) == 5
+    assert time.monotonic() - t0 < 5
+
+
 def test_the_short_names_hash_as_sha256() -> None:
     import hashlib
 
