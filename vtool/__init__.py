@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .errors import ConfigError, NodeError, NodeNotFound, PartialFailure, PluginError, ProviderError, VtoolError
 
-# Only type checkers import typing here (~4 ms): vtool.early opens the connections sooner.
+# typing for type checkers only, as in vtool.early
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

@@ -12,7 +12,7 @@ import gc
 import os
 import sys
 
-# Only type checkers import typing here (~4 ms): vtool.early opens the connections sooner.
+# typing for type checkers only, as in vtool.early
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
