@@ -151,7 +151,6 @@ def test_an_opener_keeps_no_file_of_its_caller_and_is_waited_as_popen_is(tmp_pat
     waits on would stay open as long as the ControlPersist master); poll, wait (with and
     without a timeout), kill and wait_exit answer as Popen's."""
     import select
-    import time
 
     from vtool.early import Opener, wait_exit
 
@@ -182,9 +181,7 @@ def test_an_opener_keeps_no_file_of_its_caller_and_is_waited_as_popen_is(tmp_pat
         if w >= 0:
             os.close(w)
     quick = Opener(["sh", "-c", "exit 5"], dict(os.environ), Opener.spawn_actions())
-    t0 = time.monotonic()
-    assert wait_exit(quick, 10) == 5 and wait_exit(quick, 10) == 5
-    assert time.monotonic() - t0 < 5
+    assert wait_exit(quick, 10) == 5 and wait_exit(quick, 10) == 5  # (at its end: else TimeoutExpired)
 
 
 def test_the_short_names_hash_as_sha256() -> None:

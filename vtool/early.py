@@ -205,21 +205,23 @@ def _start(args: list[str]) -> int:
     wanted = _wanted(spec, sorted(nodes))
     if not wanted:
         return 0
-    started = 0
+    closed = [
+        (nodes[i]["socket"], nodes[i]["argv"])
+        for i in wanted[: min(int(record["concurrency"]), EARLY_MAX)]
+        if not os.path.exists(nodes[i]["socket"]) and nodes[i]["socket"] not in _started
+    ]
+    if not closed:  # (every connection is open: the usual case of a command right after another)
+        return 0
     env = proxy_env(record.get("connector"))
     actions = Opener.spawn_actions()
     atexit.register(_stop_unfinished)
-    for i in wanted[: min(int(record["concurrency"]), EARLY_MAX)]:
-        sock, argv = nodes[i]["socket"], nodes[i]["argv"]
-        if os.path.exists(sock) or sock in _started:
-            continue
+    for sock, argv in closed:
         node_env = env
         if any(a.startswith("ProxyCommand=") and "/vtool-connect-" in a for a in argv) and _listen(sock):
             node_env = {**env, "VTOOL_CONNECT_SHARE": _share_path, "VTOOL_CONNECT_AS": sock}
         _started[sock] = Opener(argv, node_env, actions)
         _opened.append(sock)
-        started += 1
-    return started
+    return len(closed)
 
 
 def proxy_env(connector: str | None) -> dict[str, str]:

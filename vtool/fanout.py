@@ -12,7 +12,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from queue import Empty, SimpleQueue
+from queue import SimpleQueue
 from typing import Any
 
 from .errors import VtoolError
@@ -107,10 +107,7 @@ def fan_out(
             pending.add(fut)
             fut.add_done_callback(finished.put)
         while pending:
-            try:
-                fut = finished.get(timeout=0.5)  # (looks again at least every 0.5 s, as the wait did)
-            except Empty:
-                continue
+            fut = finished.get()  # (a signal's handler, Ctrl-C, runs during the wait)
             pending.discard(fut)
             r = fut.result()
             results[r.index] = r
