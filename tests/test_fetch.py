@@ -141,3 +141,17 @@ def test_hostile_node_sending_a_crafted_stream(cluster3: Env) -> None:
     assert not (cluster3.root / "pwned.txt").exists() and not Path("/tmp/vtool-pwned.txt").exists()
     assert sorted(os.listdir(cluster3.work)) == ["got.1"]
     assert "unsafe name" in r.stderr and "(symlink)" in r.stderr
+
+
+def test_a_node_that_sends_nothing_is_heard_out(cluster3: Env) -> None:
+    """A node that says why it sends nothing and closes its output before its exit status
+    arrives (as the fetch script's end can, for a folder without -r or a missing file) is
+    waited for: its reason reaches the user, not "sent nothing" (killing its client, as for a
+    broken stream, lost the exit status: a CI run failed so)."""
+    shell = cluster3.vhome / "clusters" / "default" / "nodes" / "0" / "shell"
+    shell.write_text("#!/bin/sh\ncase \"$SSH_ORIGINAL_COMMAND\" in *tar*)\n"
+                     "  echo \"inputs is a folder: use -r\" >&2; exec <&- >&- 2>&-; sleep 1; exit 45;; esac\n"
+                     "cd \"$HOME\"; exec /bin/sh -c \"$SSH_ORIGINAL_COMMAND\"\n")
+    r = cluster3.cli("scpget", "inputs", "x")
+    assert r.returncode == 1 and "inputs is a folder: use -r" in r.stderr, r.stderr
+    assert not (cluster3.work / "x").exists()

@@ -945,7 +945,7 @@ def _check_remote(remote_path: str) -> str:
 
 
 def _fetch(s: Session, node: Node, remote_path: str, dest: Path, recursive: bool) -> FetchReport:
-    from .fetch import extract_stream
+    from .fetch import NothingSent, extract_stream
 
     client = s.client(node)
     stream = client.popen_stdout(remote.fetch(remote_path, recursive))
@@ -975,7 +975,9 @@ def _fetch(s: Session, node: Node, remote_path: str, dest: Path, recursive: bool
     finally:
         if timer is not None:
             timer.cancel()
-    result = client.finish_stream(stream, abort=error is not None)
+    # (a node that sent nothing has closed its output: its exit status, which killing its
+    # client could lose, says why, e.g. "use -r")
+    result = client.finish_stream(stream, abort=error is not None and not isinstance(error, NothingSent))
     if timed_out.is_set():
         raise NodeError(f"timed out after {limit:g}s")
     if result.exit_code in (44, 45):

@@ -93,6 +93,11 @@ def _parts(name: str) -> tuple[str, ...] | None:
     return tuple(part for part in p.parts if part != ".")
 
 
+class NothingSent(NodeError):
+    """The node's stream ended before any entry: it closed its output, and its exit status
+    (which the caller then waits for) says why."""
+
+
 def extract_stream(stream: IO[bytes], dest: Path, *, recursive: bool) -> FetchReport:
     """Read a tar stream whose first entry is the fetched file or folder and write it to ``dest``.
 
@@ -145,7 +150,9 @@ def extract_stream(stream: IO[bytes], dest: Path, *, recursive: bool) -> FetchRe
                     skipped.append(f"{'/'.join(rel)!r} (would write through a symlink or over a folder)")
     except tarfile.ReadError as e:
         if root is None:
-            raise NodeError("the node sent nothing (no such file?)") from None
+            if str(e) == "empty file":
+                raise NothingSent("the node sent nothing (no such file?)") from None
+            raise NodeError("the node sent nothing (no such file?)") from None  # (not a tar stream)
         raise NodeError(f"the node's stream broke off ({e})") from None
     except (tarfile.TarError, EOFError) as e:
         raise NodeError(f"the node's stream broke off ({e})") from None
@@ -153,7 +160,7 @@ def extract_stream(stream: IO[bytes], dest: Path, *, recursive: bool) -> FetchRe
         if writer is not None:
             writer.close()
     if root is None:
-        raise NodeError("the node sent nothing (no such file?)")
+        raise NothingSent("the node sent nothing (no such file?)")
     return FetchReport(
         path=str(dest),
         files=writer.files if writer else 0,
