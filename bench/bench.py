@@ -1619,6 +1619,17 @@ paired measurement of workload 3. (Earlier reports deleted before every run.) Af
 move, `sync` writes the previous run's files to the disk, untimed, so that no run waits for
 its predecessors' writes (deleted files were never written; kept ones would be).
 
+Writing a file costs this machine (a virtual machine) far more when the page cache has to
+grow into memory that was not used recently: `dd` of 2 GB of new files took 4.6 s of kernel
+CPU (about 2.3 ms per MB), against 0.36 s right after the same amount had been deleted, and
+2.4 s again once 65 s had passed since that delete. Since the trash keeps every earlier run's
+files, every inject run writes into such memory, and each tool pays for the bytes its nodes
+write: vtool's nodes write each package twice (the copy they keep, to pass it on to other
+nodes later, and the unpacked release), rsync's and the tar peers' once. In four vtool
+injects of workload 2 in a row on 32 fresh nodes (measured with `perf`, outside this bench),
+the CPU of the processes that write (perl for the kept copy, tar) grew from 1.2 s to 3.9 s
+and the run from 4.5 s to 6.6 s.
+
 **Bytes (workload 6)**: the bench runs a TCP forwarder per node on 127.0.0.1 (an ephemeral
 port, forwarding to the node's sshd), counting the bytes in each direction and the
 connections. The peers are pointed at these ports (their cluster file, inventory and
