@@ -1596,7 +1596,7 @@ measured run packs:
 
 | tool | how | parallelism |
 |---|---|---|
-| vtool | `vtool inject FOLDER --nodes 0-N-1`: the client sends the package once to one node, which passes it on to two others as it arrives, and so on down a binary tree (from 4 nodes and 1 MB up, `inject.relay`; each node unpacks its copy as soon as it is complete), unpack it into `~/.vtool/releases/NAME-HASH`, point `~/NAME` at it and start its `vtool-launch` (here `true`); a node that has the release gets nothing, one that has the previous release a delta (under 1 MB, sent to each node directly) | `concurrency` 64 (default) |
+| vtool | `vtool inject FOLDER --nodes 0-N-1`: the client sends the package once to one node, which passes it on to two others as it arrives, and so on down a binary tree (from 4 nodes and 1 MB up, `inject.relay`; each node keeps a copy, to pass on later, and unpacks it once complete, except a plain tar such as workload 2's, which only the first node keeps and the others unpack as it arrives), unpack it into `~/.vtool/releases/NAME-HASH`, point `~/NAME` at it and start its `vtool-launch` (here `true`); a node that has the release gets nothing, one that has the previous release a delta (under 1 MB, sent to each node directly) | `concurrency` 64 (default) |
 | parallel-ssh | `ParallelSSHClient.scp_send(TARBALL, ...)`, then `run_command("mkdir -p D && tar -xzf ... -C D")` | `pool_size=N` |
 | Fabric | `ThreadingGroup.put` (SFTP), then `ThreadingGroup.run` of the same `tar` | one thread per node |
 | ansible-core | `ansible all -m unarchive -a "src=TARBALL dest=..." -f N` (copies the tarball, unpacks it) | `-f N` |
@@ -1624,11 +1624,12 @@ grow into memory that was not used recently: `dd` of 2 GB of new files took 4.6 
 CPU (about 2.3 ms per MB), against 0.36 s right after the same amount had been deleted, and
 2.4 s again once 65 s had passed since that delete. Since the trash keeps every earlier run's
 files, every inject run writes into such memory, and each tool pays for the bytes its nodes
-write: vtool's nodes write each package twice (the copy they keep, to pass it on to other
-nodes later, and the unpacked release), rsync's and the tar peers' once. In four vtool
-injects of workload 2 in a row on 32 fresh nodes (measured with `perf`, outside this bench),
-the CPU of the processes that write (perl for the kept copy, tar) grew from 1.2 s to 3.9 s
-and the run from 4.5 s to 6.6 s.
+write. In four vtool injects of workload 2 in a row on 32 fresh nodes (measured with `perf`,
+outside this bench), when every node still kept a copy of the package besides the unpacked
+release, the CPU of the processes that write (perl for the kept copy, tar) grew from 1.2 s to
+3.9 s and the run from 4.5 s to 6.6 s; since then only the first node of vtool's tree keeps
+a copy of a plain tar (workload 2's package is one), so vtool's nodes write that package
+once, as rsync's and the tar peers' do.
 
 **Bytes (workload 6)**: the bench runs a TCP forwarder per node on 127.0.0.1 (an ephemeral
 port, forwarding to the node's sshd), counting the bytes in each direction and the

@@ -197,11 +197,21 @@ def _kept(env: Env, index: int) -> list[Path]:
     return sorted((env.node_home(index) / ".vtool" / "packages").iterdir())
 
 
+def _sent_by_the_client(stdout: str, index: int) -> bool:
+    """Whether inject's output says node ``index`` got the package from the client (the first
+    node of a tree, or any node the package went to directly)."""
+    return any(
+        line.startswith(f"node {index}: started") and line.endswith("package sent)") for line in stdout.splitlines()
+    )
+
+
 def test_a_compressed_package_is_decompressed_by_one_node_and_kept_plain(venv: Env) -> None:
     """The client sends its .tar.gz once; only the node that receives it from the client
-    decompresses it, and every node keeps (and passes on) the plain tar, checked by size.
-    Sent directly (2 nodes, under ``inject.relay``) the nodes keep it plain too, so a later
-    inject can have them pass it on to the others. (Without zstd: with it, see below.)"""
+    decompresses it, and passes on the plain tar. Sent directly (2 nodes, under
+    ``inject.relay``) the nodes keep it plain, checked by size, so a later launch can have
+    them pass it on to the new nodes (which keep it too). Through the tree, only its first
+    node keeps it: the others unpack it as it arrives and write it once. (Without zstd:
+    with it, see below.)"""
     venv.env["VTOOL_INJECT_ZSTD"] = "false"
     venv.ok("launch", "2")
     pkg = make_package(venv.root, "texty", "#!/bin/sh\ntrue\n", {"data.txt": os.urandom(1_500_000).hex()})
@@ -215,11 +225,14 @@ def test_a_compressed_package_is_decompressed_by_one_node_and_kept_plain(venv: E
         members = t.getnames()
     assert plain > 1.5 * archive.stat().st_size
 
-    def check(index: int) -> None:
-        (kept,) = _kept(venv, index)
-        assert kept.name == f"{dirname}.tar" and kept.stat().st_size == plain, (index, kept)
-        with tarfile.open(kept, "r:") as t:  # plain: "r:" refuses a compressed file
-            assert t.getnames() == members
+    def check(index: int, keeps: bool = True) -> None:
+        if keeps:
+            (kept,) = _kept(venv, index)
+            assert kept.name == f"{dirname}.tar" and kept.stat().st_size == plain, (index, kept)
+            with tarfile.open(kept, "r:") as t:  # plain: "r:" refuses a compressed file
+                assert t.getnames() == members
+        else:
+            assert _kept(venv, index) == [], index
         got = _release_dir(venv, index, "texty")
         assert got is not None and (got / "data.txt").read_text() == (pkg / "data.txt").read_text()
 
@@ -241,7 +254,48 @@ def test_a_compressed_package_is_decompressed_by_one_node_and_kept_plain(venv: E
     with tarfile.open(archive) as t:
         members = t.getnames()
     for i in range(6):
+        check(i, keeps=_sent_by_the_client(r.stdout, i))
+    # Four nodes more: the one node that kept it passes it on (the others are not asked), then they.
+    r = venv.ok("launch", "4")
+    assert "received 4/4 node(s)" in r.stderr and "FAILED" not in r.stdout + r.stderr, r.stderr
+    for i in range(6, 10):
         check(i)
+
+
+def test_a_node_says_whether_it_keeps_the_package_of_the_release_it_has(tmp_path: Path) -> None:
+    """``prepare`` prints ``have kept`` only when the node keeps the release's package (plain
+    or zstd), so that only such nodes are asked to pass it on; ``have`` when it has only the
+    release (a node that got it through the tree), or a delta of it."""
+    import subprocess
+
+    from vtool.models import Node, Release
+
+    release = Release("proj", "0123456789ab", "gz", str(tmp_path / "proj.tar.gz"))
+    node = Node(
+        cluster="c", index=0, id="n0", provider="local", address="127.0.0.1", port=22, user="u",
+        private_address="127.0.0.1", state="running", launched_at=0.0,
+    )
+    home = tmp_path / "home"
+    (home / ".vtool" / "releases" / release.dirname).mkdir(parents=True)
+    packages = home / ".vtool" / "packages"
+    packages.mkdir()
+    script = remote.prepare("c", node, [node], {}, release)
+
+    def says() -> str:
+        r = subprocess.run(["/bin/sh", "-c", script], env={"HOME": str(home), "PATH": os.environ["PATH"]},
+                           capture_output=True, text=True, timeout=30, check=False)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().splitlines()[-1]
+
+    assert says() == "have"
+    (packages / f"{release.dirname}.from-proj-ba9876543210.tar.gz").write_bytes(b"delta")
+    assert says() == "have"
+    for name in (f"{release.dirname}.tar", f"{release.dirname}.tar.zst"):
+        (packages / name).write_bytes(b"package")
+        assert says() == "have kept", name
+        (packages / name).unlink()
+    shutil.rmtree(home / ".vtool" / "releases" / release.dirname)
+    assert says().startswith("need ")
 
 
 def test_with_zstd_the_package_travels_and_stays_zstd_compressed(venv: Env) -> None:
@@ -308,10 +362,12 @@ def test_a_damaged_archive_is_refused_by_the_nodes(venv: Env, nodes: str, zstd: 
 
 @pytest.mark.parametrize("perl", [True, False])
 def test_a_node_copies_the_stream_to_its_children_with_or_without_perl(tmp_path: Path, perl: bool) -> None:
-    """FAN's ``keep``: stdin into the node's own copy and every child's fifo, whole, with
-    perl (1 MB blocks) or, on a node without perl, with tee -p. A child that stops reading
-    (here after 1000 bytes) is dropped and the others still get everything. The node keeps
-    its copy (without the trailing "ok") only when it has the expected size and that "ok"."""
+    """FAN's ``keep``: stdin into every child's fifo, whole, and its payload (without the
+    trailing "ok") into the node's own copy, with perl (1 MB blocks) or, on a node without
+    perl, with tee -p. A child that stops reading (here after 1000 bytes) is dropped and the
+    others still get everything. The node keeps its copy only when it has the expected size
+    and that "ok". With perl, the payload also goes to the unpack's fifo, and a node that
+    keeps no copy ("-") writes none."""
     import subprocess
 
     start = remote.FAN.index("keep() {")
@@ -324,22 +380,32 @@ def test_a_node_copies_the_stream_to_its_children_with_or_without_perl(tmp_path:
         os.symlink(found, bindir / tool)
     data = os.urandom(3_000_000)
     cases = {"whole": (data + b"ok", True), "no ok": (data + b"no", False), "short": (data[:-1] + b"ok", False)}
-    for name, (stream, kept) in cases.items():
+    copies = ["part", "-"] if perl else ["part"]
+    for (name, (stream, complete)), copy in [(c, k) for c in cases.items() for k in copies]:
         (tmp_path / "in").write_bytes(stream)
-        for f in ("got-a", "got-b", "part", "final"):
+        for f in ("got-a", "got-b", "got-x", "part", "final"):
             (tmp_path / f).unlink(missing_ok=True)
-        script = keep + f"mkfifo a b 2>/dev/null\ncat a > got-a &\nhead -c 1000 b > got-b &\nkeep part final {len(data)} a b < in\nrc=$?\nwait\nexit $rc\n"
+        unpack = "x" if perl else "-"
+        reader = "cat x > got-x &\n" if perl else ""
+        script = keep + (
+            f"mkfifo a b x 2>/dev/null\ncat a > got-a &\nhead -c 1000 b > got-b &\n{reader}"
+            f"keep {copy} final {len(data)} {unpack} a b < in\nrc=$?\nwait\nexit $rc\n"
+        )
         r = subprocess.run(
             ["/bin/sh", "-c", script], cwd=tmp_path, env={"PATH": str(bindir)}, capture_output=True, timeout=60, check=False
         )
-        assert (tmp_path / "got-a").read_bytes() == stream, (name, r)
-        assert (tmp_path / "got-b").read_bytes() == stream[:1000], (name, r)
-        if kept:
-            assert r.returncode == 0 and (tmp_path / "final").read_bytes() == data, (name, r)
-            assert not (tmp_path / "part").exists(), name
-        else:
-            assert r.returncode != 0 and not (tmp_path / "final").exists(), (name, r)
-            assert (tmp_path / "part").read_bytes() == stream, (name, r)  # (FAN's exit trap removes it)
+        case = (name, copy, r)
+        assert (tmp_path / "got-a").read_bytes() == stream, case
+        assert (tmp_path / "got-b").read_bytes() == stream[:1000], case
+        if perl:  # the unpack gets the payload, up to its size, whatever follows
+            assert (tmp_path / "got-x").read_bytes() == stream[: len(data)], case
+        assert (r.returncode == 0) == complete, case
+        if copy == "-":
+            assert not (tmp_path / "part").exists() and not (tmp_path / "final").exists(), case
+        elif complete:
+            assert (tmp_path / "final").read_bytes() == data and not (tmp_path / "part").exists(), case
+        else:  # (FAN's exit trap removes the part)
+            assert not (tmp_path / "final").exists() and (tmp_path / "part").exists(), case
 
 
 def _node_dir(env: Env, index: int) -> Path:
@@ -348,8 +414,9 @@ def _node_dir(env: Env, index: int) -> Path:
 
 def _kill_node_when(env: Env, watch: int, kill: int, hits: list[str]) -> threading.Thread:
     """A thread that kills node ``kill`` (all its processes) the moment node ``watch`` starts
-    receiving a package (~/.vtool/packages/.PAYLOAD.part.* appears: relayed nodes keep the
-    package first and unpack it afterwards; ~/.vtool/releases/.incoming.* when sent directly)."""
+    receiving a package (~/.vtool/releases/.incoming.* appears: where a node unpacks it, as it
+    arrives through the tree, or when sent directly; ~/.vtool/packages/.PAYLOAD.part.* where a
+    node keeps it first and unpacks it afterwards, relayed by ``distribute``)."""
     places = [(env.node_home(watch) / ".vtool" / "packages", ".part."),
               (env.node_home(watch) / ".vtool" / "releases", ".incoming.")]
 

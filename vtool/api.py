@@ -478,9 +478,10 @@ def _tell_cluster(
     warm: Mapping[str, Sequence[str]] | None = None,
 ) -> GroupResult:
     """Write cluster.env/hosts/other_hosts and the nodes' SSH set-up on ``nodes``; with a
-    release, each result's value is ``have`` or ``need BASE`` for it. ``trusted``: what
-    ``_trust`` gave (computed here if not); ``before(node)`` runs first on each node;
-    ``warm``: by node name, the nodes it will likely pass the package on to (``remote.prepare``)."""
+    release, each result's value is ``have`` (``have kept``: it can pass the package on) or
+    ``need BASE`` for it. ``trusted``: what ``_trust`` gave (computed here if not);
+    ``before(node)`` runs first on each node; ``warm``: by node name, the nodes it will
+    likely pass the package on to (``remote.prepare``)."""
     everyone = everyone or [x for x in info.nodes if x.state == "running"]
     trust, secret = trusted or _trust(s, everyone)
 
@@ -639,11 +640,11 @@ def _send_payload(
         progress(f"inject: sending {what} ({_size(payload.sent_size)}) once; the nodes pass it on")
         if not holders and all(_PLAIN.fullmatch(x) for x in [payload.name, *(n.name for n in nodes)]):
             progress(f"inject: passing it on through a tree of {len(nodes)} nodes")
-            out, unpacked_by_fan = _broadcast(s, nodes, payload, timeout, done, progress)
+            out, unpacked_by_fan, kept = _broadcast(s, nodes, payload, timeout, done, progress)
             rest = [x for x in nodes if x.index not in out]
             if rest:
                 progress(f"inject: {len(rest)} node(s) did not get it through the tree; sending it to them again")
-            holders = [x for x in nodes if x.index in out]
+            holders = [x for x in nodes if x.index in out and x.index in kept]
             if rest and not holders:  # the first node failed: another one is tried first
                 rest = rest[1:] + rest[:1]
     if rest:
@@ -704,16 +705,18 @@ def _broadcast(
     timeout: float | None,
     done: Callable[[int, VtoolError | None], None],
     on_unpacked: Progress = _quiet,
-) -> tuple[dict[int, str | VtoolError], dict[int, int]]:
+) -> tuple[dict[int, str | VtoolError], dict[int, int], set[int]]:
     """Stream the payload to the first node, which keeps it and passes it on through the
-    others as it arrives (``remote.FAN``, a pipelined tree), and each unpacks its copy.
+    others as it arrives (``remote.FAN``, a pipelined tree), and each unpacks it as it comes.
     Returns the nodes whose copy is complete ("direct" for the first, "relay" for the
-    others) and the exit codes of the unpacks that ran; any other node is left to
-    ``distribute`` (and to the unpack phase), whatever went wrong on the way."""
+    others), the exit codes of the installs that ran and the nodes that kept the payload
+    (they can pass it on later); any other node is left to ``distribute`` (and to the
+    unpack phase), whatever went wrong on the way."""
     first = nodes[0]
     by_name = {x.name: x for x in nodes}
     got: dict[int, str | VtoolError] = {}
     unpacked: dict[int, int] = {}
+    kept: set[int] = set()
     lock = threading.Lock()
 
     def line(stream: str, text: str) -> None:
@@ -729,11 +732,13 @@ def _broadcast(
                 count = len(unpacked)
             failed = "" if words[2] == "0" else f" (node {node.index} failed)"
             on_unpacked(f"inject: unpacked on {count}/{len(nodes)} node(s){failed}")
-        elif words[0] == "vtool-got" and len(words) == 2:
+        elif words[0] == "vtool-got" and words[2:] in ([], ["kept"]):
             with lock:
                 if node.index in got:
                     return
                 got[node.index] = "direct" if node is first else "relay"
+                if words[2:]:
+                    kept.add(node.index)
             done(node.index, None)
 
     command = remote.fan(
@@ -744,7 +749,7 @@ def _broadcast(
             s.client(first).run(command, input=f, timeout=timeout, on_line=line)
     except VtoolError:
         pass  # whatever arrived is counted; the rest goes through distribute
-    return got, unpacked
+    return got, unpacked, kept
 
 
 def _size(n: float) -> str:
@@ -780,7 +785,7 @@ def _inject_release(
     holders: list[Node] = []
     if others and tell_others:  # after a launch: the cluster changed (and they may pass the package on)
         told = _tell_cluster(s, info, others, release, everyone, trusted=trusted)
-        holders = [info.node(r.index) for r in told.succeeded if r.value == "have"]
+        holders = [info.node(r.index) for r in told.succeeded if str(r.value).split() == ["have", "kept"]]
     timeout = s.settings.timeout.transfer or None
     ready_by = time.monotonic() + s.settings.timeout.ready
     pinned = pinned_aliases(s.paths)
