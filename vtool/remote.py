@@ -55,13 +55,13 @@ set +a
 # programs that write, perl and tar, 1.3 s instead of 3.5 s. A compressed copy costs less to
 # write than its release, and unpacking many small files as they arrive holds up the relay:
 # a 900-file zstd package into 32 nodes took about 0.3 s longer so, in a first measurement.)
-# Prints
-# "vtool-got NAME" ("vtool-got NAME kept" on a node that kept a copy) once its own copy is
-# complete; the lines of the nodes below it come up the same way. A node that fails leaves
-# only its own subtree without the payload (the copy goes on to the others); vtool sends
-# those afterwards. Then it runs AFTER (a shell command in base64, "-" for none: the install,
-# given the folder it unpacked into as $vtool_x, if any) and prints "vtool-unpacked NAME EXIT_CODE".
-# (Without perl a node always keeps a copy and AFTER unpacks it.)
+# Without perl a node always keeps a copy and unpacks it once complete.
+# Prints "vtool-got NAME" ("vtool-got NAME kept" on a node that kept a copy) once its own
+# copy is complete; the lines of the nodes below it come up the same way. A node that fails
+# leaves only its own subtree without the payload (the copy goes on to the others); vtool
+# sends those afterwards. Then it runs AFTER (a shell command in base64, "-" for none: the
+# install, given the folder it unpacked into as $vtool_x, if any) and prints
+# "vtool-unpacked NAME EXIT_CODE".
 # Arguments: ITS_NAME PAYLOAD SIZE AFTER Z [NAME ...] (names: the Hosts of ~/.vtool/ssh_config;
 # Z: what the first node checks the stream with, see below).
 FAN = r"""#!/bin/sh
