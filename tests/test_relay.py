@@ -255,7 +255,7 @@ def test_a_compressed_package_is_decompressed_by_one_node_and_kept_plain(venv: E
         members = t.getnames()
     for i in range(6):
         check(i, keeps=_sent_by_the_client(r.stdout, i))
-    # Four nodes more: the one node that kept it passes it on (the others are not asked), then they.
+    # Four nodes more: they still get it (only the node that kept it can pass it on: the next test).
     r = venv.ok("launch", "4")
     assert "received 4/4 node(s)" in r.stderr and "FAILED" not in r.stdout + r.stderr, r.stderr
     for i in range(6, 10):
