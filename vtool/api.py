@@ -644,7 +644,7 @@ def _send_payload(
             rest = [x for x in nodes if x.index not in out]
             if rest:
                 progress(f"inject: {len(rest)} node(s) did not get it through the tree; sending it to them again")
-            holders = [x for x in nodes if x.index in out and x.index in kept]
+            holders = [x for x in nodes if x.index in kept]  # (only nodes whose copy is complete say so)
             if rest and not holders:  # the first node failed: another one is tried first
                 rest = rest[1:] + rest[:1]
     if rest:
@@ -707,7 +707,8 @@ def _broadcast(
     on_unpacked: Progress = _quiet,
 ) -> tuple[dict[int, str | VtoolError], dict[int, int], set[int]]:
     """Stream the payload to the first node, which keeps it and passes it on through the
-    others as it arrives (``remote.FAN``, a pipelined tree), and each unpacks it as it comes.
+    others as it arrives (``remote.FAN``, a pipelined tree), and each unpacks it (a plain tar
+    as it comes, without keeping it).
     Returns the nodes whose copy is complete ("direct" for the first, "relay" for the
     others), the exit codes of the installs that ran and the nodes that kept the payload
     (they can pass it on later); any other node is left to ``distribute`` (and to the

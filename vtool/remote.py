@@ -125,7 +125,7 @@ keep() {  # stdin into the fifos after $4 as it arrives (a reader that is gone i
       for my $p (@fifos) { open(my $h, ">", $p) or die "$p: $!\n"; push @o, $h }
       if ($tarf ne "-") { open($t, ">", $tarf) or die "$tarf: $!\n" }
       if ($part ne "-") { open($k, ">", $part) or die "$part: $!\n" }
-      my ($b, $n, $got, $end, $unpacking) = ("", 0, 0, "", 1);
+      my ($b, $n, $got, $end) = ("", 0, 0, "");
       sub put { my ($h, $len) = @_; my $off = 0;
         while ($off < $len) { my $w = syswrite($h, $b, $len - $off, $off); return 0 unless defined $w; $off += $w }
         return 1 }
@@ -137,12 +137,11 @@ keep() {  # stdin into the fifos after $4 as it arrives (a reader that is gone i
         $end = substr($end . substr($b, -2), -2);
         for my $i (0 .. $#o) { $o[$i] = undef if $o[$i] && !put($o[$i], $n) }
         if ($k && $mine) { put($k, $mine) or die "$part: $!\n" }
-        if ($t && $mine && !put($t, $mine)) { $t = undef; $unpacking = 0 }
+        $t = undef if $t && $mine && !put($t, $mine);  # (the unpack failed: FAN sees its exit code)
       }
       defined $n or die "$!\n";
       close($t) if $t;
       exit 3 unless $got == $size + 2 && $end eq "ok";
-      exit 5 unless $unpacking;
       if ($k) { close($k) && rename($part, $final) or die "$part: $!\n" }' "$@"
   else
     kp=$1; kf=$2; ks=$3; shift 4
@@ -152,25 +151,25 @@ keep() {  # stdin into the fifos after $4 as it arrives (a reader that is gone i
   fi
 }
 k="$pk/$p"
-cp="$part"  # the copy: kept by the first node, and by every node that does not unpack as it goes
-[ "$z" != - ] || [ "$tf" = - ] || cp=-
+copy="$part"  # kept by the first node, and by every node that does not unpack as it goes
+[ "$z" != - ] || [ "$tf" = - ] || copy=-
 case $z in
-  -) keep "$cp" "$k" "$size" "$tf" $outs ;;
-  cat) { cat && printf ok; } | keep "$cp" "$k" "$size" "$tf" $outs ;;
+  -) keep "$copy" "$k" "$size" "$tf" $outs ;;
+  cat) { cat && printf ok; } | keep "$copy" "$k" "$size" "$tf" $outs ;;
   zstd) mkfifo "$part.t" || exit 4
-    { zstd -tq < "$part.t" & t=$!; tee "$part.t" && wait $t && printf ok; } | keep "$cp" "$k" "$size" "$tf" $outs ;;
-  *) { $z -dc && printf ok; } | keep "$cp" "$k" "$size" "$tf" $outs ;;
+    { zstd -tq < "$part.t" & t=$!; tee "$part.t" && wait $t && printf ok; } | keep "$copy" "$k" "$size" "$tf" $outs ;;
+  *) { $z -dc && printf ok; } | keep "$copy" "$k" "$size" "$tf" $outs ;;
 esac
 rc=$?
 if [ -n "$xt" ]; then  # the unpack: done once its input ended (or stopped: it failed)
   [ $rc = 0 ] || kill $xt 2>/dev/null
   wait $xt; xr=$?
   if [ $rc = 0 ] && [ $xr != 0 ]; then  # a copy that did not unpack is not kept either
-    cat "$part.err" >&2; [ "$cp" = - ] || rm -f "$k"; rc=5
+    cat "$part.err" >&2; [ "$copy" = - ] || rm -f "$k"; rc=5
   fi
 fi
 if [ $rc = 0 ]; then
-  if [ "$cp" = - ]; then echo "vtool-got $me"; else echo "vtool-got $me kept"; fi
+  if [ "$copy" = - ]; then echo "vtool-got $me"; else echo "vtool-got $me kept"; fi
   if [ "$after" != - ]; then  # (read in a subshell: no second sh started)
     printf %s "$after" | base64 -d > "$part.after" && (vtool_x=$ux; . "$part.after") </dev/null; x=$?
     echo "vtool-unpacked $me $x"
@@ -412,15 +411,15 @@ def install(
         parts += [
             'if [ -d "$rel" ]; then exit 0; fi',
             # In FAN, $vtool_x is the folder the node unpacked the payload into as it arrived.
-            'if [ -n "${vtool_x-}" ] && [ -d "$vtool_x" ]; then tmp=$vtool_x; trap \'rm -rf "$tmp"\' EXIT; else '
+            'x=${vtool_x-}; if [ -n "$x" ] && [ -d "$x" ]; then tmp=$x; else x=; '
             f'[ -f "$pk/"{q(payload)} ] || {{ echo "the package is not on the node" >&2; exit 4; }}; '
-            'tmp=$(mktemp -d "$d/.incoming.XXXXXX"); '
-            "trap 'rm -rf \"$tmp\"' EXIT; "
+            'tmp=$(mktemp -d "$d/.incoming.XXXXXX"); fi',
+            "trap 'rm -rf \"$tmp\"' EXIT",
             # A copy that does not unpack because it is damaged is not kept: a later inject
             # or relay would reuse it (one that fails for another reason, a full disk, is).
-            f'tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner '
+            f'[ -n "$x" ] || tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner '
             f'|| {{ x=$?; if ! {_TEST[compression or release.compression]} "$pk/"{q(payload)} >/dev/null 2>&1; then '
-            f'rm -f -- "$pk/"{q(payload)}; echo {q(DAMAGED)} >&2; fi; exit $x; }}; fi',
+            f'rm -f -- "$pk/"{q(payload)}; echo {q(DAMAGED)} >&2; fi; exit $x; }}',
         ]
     else:
         parts += [
