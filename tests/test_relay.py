@@ -10,6 +10,7 @@ import stat
 import tarfile
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -589,7 +590,34 @@ def test_prepare_writes_the_cluster_files_and_the_key_with_shell_builtins(tmp_pa
         assert (d / "bin" / "vtool-fan").read_text() == remote.FAN
         assert (d / "bin" / "vtool-run").read_text() == remote.RUN_WRAPPER
         assert "ControlPath" in (d / "ssh_config").read_text() and (d / "ssh_config").read_text().endswith("Host c-0\n")
-        assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+        assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == [".prepared"]  # no staging folder left
         assert (home / ".ssh" / "authorized_keys").read_text() == f"ssh-ed25519 AAAAother user@laptop\n{pub}\n"
+
+        def again(command: str, path: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run([shutil.which(shell) or shell, "-c", command], input=key.encode(),
+                                  env={"HOME": str(home), "PATH": path}, capture_output=True, timeout=30, check=False)
+
+        # With every file as it wrote them, it starts no program (none could be found here).
+        empty = home / "no-programs"
+        empty.mkdir()
+        assert again(cmd, str(empty)).returncode == 0
+        # A file changed since (an older vtool writes no digest) is newer than the digest.
+        time.sleep(0.05)
+        (d / "hosts").write_text("10.0.0.0\n")
+        assert again(cmd, str(empty)).returncode != 0
+        assert again(cmd, os.environ["PATH"]).returncode == 0 and (d / "hosts").read_text().count("\n") == 3
+        assert again(cmd, str(empty)).returncode == 0
+        (d / "hosts").unlink()  # one file gone: all are written again
+        assert again(cmd, str(empty)).returncode != 0
+        assert again(cmd, os.environ["PATH"]).returncode == 0
+        assert (d / "hosts").read_text() == "10.0.0.0\n10.0.0.1\n10.0.0.2\n"
+        fewer = remote.prepare("c", nodes[1], nodes[:2], {}, None, trust=(pub, "", "Host c-0\n"))
+        assert again(fewer, os.environ["PATH"]).returncode == 0  # other contents: written
+        assert (d / "hosts").read_text() == "10.0.0.0\n10.0.0.1\n"
+        # A write cut short leaves no digest: the files are written again, even if the
+        # contents go back to what they were.
+        (d / ".prepared").write_text("")
+        assert again(cmd, str(empty)).returncode != 0
+        assert again(cmd, os.environ["PATH"]).returncode == 0 and (d / "hosts").read_text().count("\n") == 3
     finally:
         shutil.rmtree(home)

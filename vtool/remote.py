@@ -21,6 +21,8 @@ On each node vtool keeps::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 
@@ -77,7 +79,7 @@ rd="$HOME/.vtool/releases"
 part="$pk/.$p.part.$$"
 kids=
 ux=
-trap 'kill $kids 2>/dev/null; rm -f "$part" "$part.after" "$part.t" "$part.err" "$pk/.$p.to.$$".*; [ -z "$ux" ] || rm -rf "$ux"' EXIT
+trap 'kill $kids 2>/dev/null; rm -rf "$part" "$part.after" "$part.t" "$part.err" "$pk/.$p.to.$$".* ${ux:+"$ux"}' EXIT
 trap 'exit 4' HUP TERM PIPE
 a=; b=; ra=; rb=; i=0
 for h in "$@"; do
@@ -268,9 +270,13 @@ def _control_lines(d: str, longest_name: int) -> str:
 
 def _warm(d: str, names: Sequence[str]) -> str:
     """Shell: open, in the background, a shared connection (kept 2 minutes after its last
-    use) to each node in ``names`` that has none yet, so a transfer to it starts at once."""
+    use) to each node in ``names`` that has none yet, so a transfer to it starts at once.
+    (Without its socket there is none: ssh is asked only about a socket that exists.)"""
     ssh = f'ssh -F "{d}/ssh_config"'
-    one = f'{ssh} -O check "$h" 2>/dev/null || {ssh} -o ControlMaster=yes -o ControlPersist=120 -fN "$h"'
+    one = (
+        f'{{ [ -S "$cm/$h" ] && {ssh} -O check "$h" 2>/dev/null; }} || '
+        f'{ssh} -o ControlMaster=yes -o ControlPersist=120 -fN "$h"'
+    )
     hosts = " ".join(q(x) for x in names)
     return f'if [ -n "$ctl" ]; then for h in {hosts}; do ({one}) </dev/null >/dev/null 2>&1 & done; fi'
 
@@ -301,31 +307,29 @@ def prepare(
     # Every file is written into a new folder first (shell built-ins only), then moved into
     # place in one `mv` per folder (each file replaced atomically): a few programs started
     # per node instead of two per file, which counts on a node that is also busy (each
-    # program started costs about 1 ms of CPU on the machine the bench runs on).
+    # program started costs about 1 ms of CPU on the machine the bench runs on). None at all
+    # when the node has them already: "$d/.prepared" names what was written last (a digest
+    # of it), and it is written only once every file is in place; a file changed since (by
+    # an older vtool, say, which writes no digest) is newer than it.
     s = "$st"
-    parts = [
-        "set -e",
-        "umask 022",
-        f'st="{d}/.prepare.$$"',
+    files = {
+        "cluster.env": env_file(cluster, node, nodes, extra_env),
+        "hosts": hosts,
+        "other_hosts": others,
+        "nodes": table,
+        "bin/vtool-run": RUN_WRAPPER,
+        "bin/vtool-fan": FAN,
+    }
+    write = [
+        f'[ ! -f "{d}/.prepared" ] || true > "{d}/.prepared"',  # (names nothing until all is written again)
         f'mkdir -p "{d}/releases" "{d}/runs" "{d}/bin" "{d}/packages" "{s}"',
-    ]
-    if trust is not None:
-        parts += [
-            _control_lines(d, max((len(n.name) for n in nodes), default=0)),
-            '[ -z "$ctl" ] || [ -d "$cm" ] || (umask 077; mkdir "$cm")',
-        ]
-    parts += [
         """trap 'rm -rf "$st"' EXIT""",
-        f'printf %s {q(env_file(cluster, node, nodes, extra_env))} > "{s}/cluster.env"',
-        f'printf %s {q(hosts)} > "{s}/hosts"',
-        f'printf %s {q(others)} > "{s}/other_hosts"',
-        f'printf %s {q(table)} > "{s}/nodes"',
-        f'printf %s {q(RUN_WRAPPER)} > "{s}/vtool-run"',
-        f'printf %s {q(FAN)} > "{s}/vtool-fan"',
+        *(f'printf %s {q(text)} > "{s}/{name.rsplit("/", 1)[-1]}"' for name, text in files.items()),
     ]
     if trust is not None:
         pub, known, config = trust
-        parts += [
+        files.update({"relay_key": pub, "known_hosts": known, "ssh_config": config})  # (for the digest)
+        write += [
             "umask 077",  # (the key on stdin, copied by the shell: no program started)
             f'while IFS= read -r l || [ -n "$l" ]; do printf "%s\\n" "$l"; done > "{s}/relay_key"',
             f'printf %s {q(known)} > "{s}/known_hosts"',
@@ -333,12 +337,26 @@ def prepare(
             f'printf %s {q(config)}; }} > "{s}/ssh_config"',
             "umask 022",
         ]
-    parts += [
+    write += [
         f'mv -f "{s}/vtool-run" "{s}/vtool-fan" "{d}/bin/"',
         f'mv -f "{s}/"* "{d}/"',
         f'rmdir "{s}"',
         "trap - EXIT",
+        f'printf "%s\\n" "$h" > "{d}/.prepared"',
     ]
+    digest = hashlib.sha256(json.dumps(["prepare 1", write, files], sort_keys=True).encode()).hexdigest()[:32]
+    parts = ["set -e", "umask 022", f'st="{d}/.prepare.$$"', f"h={digest}"]
+    if trust is not None:
+        parts.append(_control_lines(d, max((len(n.name) for n in nodes), default=0)))
+    parts += [
+        # (built-ins only: `read` ends at the newline it was written with)
+        f'w=; [ -f "{d}/.prepared" ] && read -r w < "{d}/.prepared" || w=',
+        f'for f in {" ".join(q(name) for name in files)}; do [ -f "{d}/$f" ] && [ ! "{d}/$f" -nt "{d}/.prepared" ] || w=; done',
+        f'for f in releases runs bin packages; do [ -d "{d}/$f" ] || w=; done',
+        f'if [ "$w" != "$h" ]; then {"; ".join(write)}; fi',
+    ]
+    if trust is not None:
+        parts.append('[ -z "$ctl" ] || [ -d "$cm" ] || (umask 077; mkdir "$cm")')
     if trust is not None:
         ak = '"$HOME/.ssh/authorized_keys"'
         parts += [
@@ -414,7 +432,8 @@ def install(
             'x=${vtool_x-}; if [ -n "$x" ] && [ -d "$x" ]; then tmp=$x; else x=; '
             f'[ -f "$pk/"{q(payload)} ] || {{ echo "the package is not on the node" >&2; exit 4; }}; '
             'tmp=$(mktemp -d "$d/.incoming.XXXXXX"); fi',
-            "trap 'rm -rf \"$tmp\"' EXIT",
+            # (FAN removes the folder it made, with what is left in it, as it ends)
+            "[ -n \"$x\" ] || trap 'rm -rf \"$tmp\"' EXIT",
             # A copy that does not unpack because it is damaged is not kept: a later inject
             # or relay would reuse it (one that fails for another reason, a full disk, is).
             f'[ -n "$x" ] || tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner '
@@ -451,7 +470,7 @@ def install(
         f': > "$d/."{q(release.dirname)}".unpacked"',  # when it was unpacked (see base above)
         "true" if kept else f'mv -f "$tmp/.payload" "$pk/"{q(payload)}',
         # Keep only this release's payloads (a node passes on what it has just received).
-        f'for f in "$pk"/*; do case "${{f##*/}}" in {q(release.dirname)}*) ;; *) rm -f -- "$f";; esac; done',
+        f'for f in "$pk"/*; do [ -e "$f" ] || [ -L "$f" ] || continue; case "${{f##*/}}" in {q(release.dirname)}*) ;; *) rm -f -- "$f";; esac; done',
     ]
     return "; ".join(parts)
 
