@@ -14,6 +14,7 @@ On each node vtool keeps::
     ~/.vtool/known_hosts        every node's pinned host key
     ~/.vtool/cm/NAME            a shared connection to node NAME (opened by prepare's ``warm``)
     ~/.vtool/bin/               vtool-run (runs a launch command), vtool-fan (FAN below)
+    ~/.vtool/.prepared          a digest of what prepare wrote last (see prepare)
     ~/NAME -> releases/NAME-HASH   switched atomically by each inject
     ~/.vtool/runs/STAMP/        one folder per start: command, pid, log, exit, release
     ~/.vtool/current -> runs/STAMP
@@ -21,8 +22,6 @@ On each node vtool keeps::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Mapping, Sequence
 
@@ -344,6 +343,9 @@ def prepare(
         "trap - EXIT",
         f'printf "%s\\n" "$h" > "{d}/.prepared"',
     ]
+    import hashlib  # here, not at the top: vtool run never loads OpenSSL (tests/test_early.py)
+    import json
+
     digest = hashlib.sha256(json.dumps(["prepare 1", write, files], sort_keys=True).encode()).hexdigest()[:32]
     parts = ["set -e", "umask 022", f'st="{d}/.prepare.$$"', f"h={digest}"]
     if trust is not None:
@@ -356,10 +358,9 @@ def prepare(
         f'if [ "$w" != "$h" ]; then {"; ".join(write)}; fi',
     ]
     if trust is not None:
-        parts.append('[ -z "$ctl" ] || [ -d "$cm" ] || (umask 077; mkdir "$cm")')
-    if trust is not None:
         ak = '"$HOME/.ssh/authorized_keys"'
         parts += [
+            '[ -z "$ctl" ] || [ -d "$cm" ] || (umask 077; mkdir "$cm")',
             f'[ -f {ak} ] || (umask 077; mkdir -p "$HOME/.ssh"; : >> {ak})',
             # Is the key there? (read by the shell; a last line without a newline gets one first)
             f'k=; n=; while IFS= read -r l || {{ [ -n "$l" ] && n=1; }}; do [ "$l" != {q(pub)} ] || k=1; done < {ak}',
