@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 import tarfile
 import tempfile
 import threading
@@ -21,6 +22,7 @@ from vtool.distribute import BaseChanged, HolderLost, distribute
 from vtool.errors import NodeError, NodeUnreachable
 from vtool.models import Node
 from vtool.providers.local import LocalProvider
+from vtool.ssh import q
 
 # -- the scheduler, with fake transfers -----------------------------------------------------
 
@@ -368,7 +370,8 @@ def test_a_node_copies_the_stream_to_its_children_with_or_without_perl(tmp_path:
     perl, with tee -p. A child that stops reading (here after 1000 bytes) is dropped and the
     others still get everything. The node keeps its copy only when it has the expected size
     and that "ok". With perl, the payload also goes to the unpack's fifo, and a node that
-    keeps no copy ("-") writes none."""
+    keeps no copy ("-") writes none; its fifos to a child and to the unpack are 1 MB pipes
+    (or as large as the system allows), and a stdin that is no pipe (a file) is fine."""
     import subprocess
 
     start = remote.FAN.index("keep() {")
@@ -384,12 +387,14 @@ def test_a_node_copies_the_stream_to_its_children_with_or_without_perl(tmp_path:
     copies = ["part", "-"] if perl else ["part"]
     for (name, (stream, complete)), copy in [(c, k) for c in cases.items() for k in copies]:
         (tmp_path / "in").write_bytes(stream)
-        for f in ("got-a", "got-b", "got-x", "part", "final"):
+        for f in ("got-a", "got-b", "got-x", "got-a.pipe", "got-x.pipe", "part", "final"):
             (tmp_path / f).unlink(missing_ok=True)
         unpack = "x" if perl else "-"
-        reader = "cat x > got-x &\n" if perl else ""
+        # (this reader also says how large the pipe it read from was)
+        sized = f"{q(sys.executable)} -c {q(_SIZED_READER)}"
+        reader = f"{sized} got-x < x &\n" if perl else ""
         script = keep + (
-            f"mkfifo a b x 2>/dev/null\ncat a > got-a &\nhead -c 1000 b > got-b &\n{reader}"
+            f"mkfifo a b x 2>/dev/null\n{sized} got-a < a &\nhead -c 1000 b > got-b &\n{reader}"
             f"keep {copy} final {len(data)} {unpack} a b < in\nrc=$?\nwait\nexit $rc\n"
         )
         r = subprocess.run(
@@ -397,6 +402,9 @@ def test_a_node_copies_the_stream_to_its_children_with_or_without_perl(tmp_path:
         )
         case = (name, copy, r)
         assert (tmp_path / "got-a").read_bytes() == stream, case
+        if perl:
+            big = min(1 << 20, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
+            assert [(tmp_path / f"got-{c}.pipe").read_text() for c in "ax"] == [str(big)] * 2, case
         assert (tmp_path / "got-b").read_bytes() == stream[:1000], case
         if perl:  # the unpack gets the payload, up to its size, whatever follows
             assert (tmp_path / "got-x").read_bytes() == stream[: len(data)], case
@@ -407,6 +415,16 @@ def test_a_node_copies_the_stream_to_its_children_with_or_without_perl(tmp_path:
             assert (tmp_path / "final").read_bytes() == data and not (tmp_path / "part").exists(), case
         else:  # (FAN's exit trap removes the part)
             assert not (tmp_path / "final").exists() and (tmp_path / "part").exists(), case
+
+
+# Copies stdin to the file named, then writes the size of the pipe it came through next to it.
+_SIZED_READER = (
+    "import fcntl, shutil, sys\n"
+    "with open(sys.argv[1], 'wb') as f:\n"
+    "    shutil.copyfileobj(sys.stdin.buffer, f)\n"
+    "with open(sys.argv[1] + '.pipe', 'w') as f:\n"
+    "    f.write(str(fcntl.fcntl(0, 1032)))  # F_GETPIPE_SZ\n"
+)
 
 
 def _node_dir(env: Env, index: int) -> Path:
