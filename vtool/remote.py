@@ -124,7 +124,7 @@ keep() {  # stdin into the fifos after $4 as it arrives (a reader that is gone i
   if command -v perl >/dev/null 2>&1; then  # in blocks of up to 1 MB (tee's are 8 KB)
     perl -e '$SIG{PIPE} = "IGNORE"; my ($part, $final, $size, $tarf, @fifos) = @ARGV; my (@o, $t, $k);
       # 1 MB pipes (F_SETPIPE_SZ, where allowed; 64 KB otherwise): the readers take 1 MB at
-      # a time and one slow reader holds the others up less (32 local nodes: a third less CPU).
+      # a time and one slow reader holds the others up less (32 local nodes: a quarter less CPU).
       # (Past the pipe-user-pages-soft of its user, other new pipes of that user start at 8 KB
       # while this runs: many local nodes, or an EC2 node running much more, as one user.)
       sub big { fcntl($_[0], 1031, 1 << 20) }
