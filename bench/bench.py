@@ -69,6 +69,20 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent  # the bench venv's bin: vtool, ansible, inv
+
+
+@functools.cache
+def vtool_kex() -> str:
+    """The key exchange vtool's connections agree on: the first of its default ``ssh.kex``. The
+    tuned ``xargs + ssh`` rows ask ssh for the same one, so they differ from vtool only in the
+    tool, never in the cryptography."""
+    from vtool.config import VTOOL_DEFAULTS
+
+    return str(VTOOL_DEFAULTS["ssh"]["kex"]).split(",")[0]
+
+
+def xargs_kex_name() -> str:
+    return f"xargs -P + ssh ({vtool_kex()})"
 CLUSTER = "bench"
 HOSTNAME = socket.gethostname()
 TICK = os.sysconf("SC_CLK_TCK")
@@ -787,9 +801,9 @@ def run_tools(b: Bench, n: int) -> dict[str, Callable[[], Sample]]:
         argv = ["xargs", "-P", str(n), "-I{}", "ssh", "-F", ssh_cfg, "-o", "BatchMode=yes", "{}", "hostname"]
         return b.measure(argv, check_count(n), stdin_text=hosts)
 
-    def xargs_ssh_curve() -> Sample:
+    def xargs_ssh_kex() -> Sample:
         argv = ["xargs", "-P", str(n), "-I{}", "ssh", "-F", ssh_cfg, "-o", "BatchMode=yes"]
-        argv += ["-o", "KexAlgorithms=curve25519-sha256", "{}", "hostname"]
+        argv += ["-o", f"KexAlgorithms={vtool_kex()}", "{}", "hostname"]
         return b.measure(argv, check_count(n), stdin_text=hosts)
 
     return {
@@ -798,7 +812,7 @@ def run_tools(b: Bench, n: int) -> dict[str, Callable[[], Sample]]:
         "Fabric ThreadingGroup": fabric,
         "ansible -m command": ansible,
         "xargs -P + ssh": xargs_ssh,
-        "xargs -P + ssh (curve25519)": xargs_ssh_curve,
+        xargs_kex_name(): xargs_ssh_kex,
     }
 
 
@@ -1377,12 +1391,12 @@ def workload_scale(b: Bench, n: int, runs: int) -> None:
         argv = [sys.executable, str(HERE / "peers.py"), "pssh", "exit", cfile, "true"]
         return b.measure(argv, check_scale(check_aliases(aliases, "exit 0")))
 
-    def xargs_ssh_curve() -> Sample:
+    def xargs_ssh_kex() -> Sample:
         argv = ["xargs", "-P", str(n), "-I{}", "ssh", "-F", ssh_cfg, "-o", "BatchMode=yes"]
-        argv += ["-o", "KexAlgorithms=curve25519-sha256", "{}", "true"]
+        argv += ["-o", f"KexAlgorithms={vtool_kex()}", "{}", "true"]
         return b.measure(argv, check_scale(check_exit(n, summary_line=False)), stdin_text=hosts)
 
-    tools = {"vtool run": vtool, "parallel-ssh": pssh, "xargs -P + ssh (curve25519)": xargs_ssh_curve}
+    tools = {"vtool run": vtool, "parallel-ssh": pssh, xargs_kex_name(): xargs_ssh_kex}
     warm_up(b, tools)
     names = list(tools)
     for r in range(runs):
@@ -1580,11 +1594,11 @@ include starting Python and importing the library, as vtool's CLI rows do.
 
 | tool | how | host keys | key exchange | parallelism |
 |---|---|---|---|---|
-| vtool | `vtool run hostname --nodes 0-N-1`, `vtool scpgetall` | pinned, strict (the cluster's known_hosts) | curve25519-sha256 (vtool's default `ssh.kex`) | `concurrency` default 64; shared connections (ControlMaster, ControlPersist 300 s), opened while vtool starts; commands go to the open master directly, with no ssh process per command (`vtool/mux.py`) |
+| vtool | `vtool run hostname --nodes 0-N-1`, `vtool scpgetall` | pinned, strict (the cluster's known_hosts) | {kex} (the first of vtool's default `ssh.kex`: OpenSSL's code, cheaper here than OpenSSH's own curve25519) | `concurrency` default 64; shared connections (ControlMaster, ControlPersist 300 s), opened while vtool starts; commands go to the open master directly, with no ssh process per command (`vtool/mux.py`) |
 | parallel-ssh | `ParallelSSHClient(...).run_command`, `copy_remote_file` (SFTP) | **not verified before connecting**: parallel-ssh has no known_hosts option; the bench compares each server's key with the pinned one afterwards and fails the node on a mismatch | libssh2's default | `pool_size=N` |
 | Fabric | `ThreadingGroup.from_connections(...)`, `.run`, `.get` (SFTP) | strict: `RejectPolicy` and a known_hosts file translated to `[127.0.0.1]:PORT` names | paramiko's default | one thread per node |
 | ansible-core | `ansible all -i INVENTORY -m command -a hostname -f N`, `-m fetch` | strict: the cluster's known_hosts with `HostKeyAlias` per host | OpenSSH's default (sntrup761x25519) | `-f N`; pipelining on, interpreter given (both favour ansible); ControlPersist 60 s (its default) |
-| xargs + ssh/scp | `xargs -P N -I{} ssh -F CONFIG {} hostname`, `scp` the same way; CONFIG is `vtool ssh-config` | strict (the cluster's known_hosts) | OpenSSH's default; the `(curve25519)` row sets `KexAlgorithms=curve25519-sha256` | `-P N`; no shared connections |
+| xargs + ssh/scp | `xargs -P N -I{} ssh -F CONFIG {} hostname`, `scp` the same way; CONFIG is `vtool ssh-config` | strict (the cluster's known_hosts) | OpenSSH's default (sntrup761x25519); the `({kex})` row sets `KexAlgorithms={kex}`, vtool's, so that it differs from vtool only in the tool | `-P N`; no shared connections |
 
 For the injects (workloads 2, 3, 4 and 6) every peer puts the package into a folder of its
 own in the node's home (`~/p-TOOL/NAME`). All but rsync upload a `.tar.gz` of the folder
@@ -1643,7 +1657,7 @@ traffic between nodes is not counted as the client's. A run with no connection t
 forwarders fails.
 
 **Scale**: `run true` on 256 nodes with `vtool run true` (cold and warm),
-`ParallelSSHClient.run_command` (`pool_size=256`) and `xargs -P 256` + `ssh` (curve25519). A
+`ParallelSSHClient.run_command` (`pool_size=256`) and `xargs -P 256` + `ssh` ({kex}). A
 run fails if any node fails, or if the output mentions too many open files or a refused or
 reset connection.
 
@@ -1694,7 +1708,7 @@ def write_report(b: Bench, path: Path, command: str, started: str, seconds: floa
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in machine(b.measured)],
         "",
-        HOW,
+        HOW.replace("{kex}", vtool_kex()),
         "## vtool against the fastest peer",
         "",
         "Medians from the tables below; the target is vtool at most as slow as the fastest peer "

@@ -103,3 +103,61 @@ def test_fabric_connection_refuses_an_unpinned_host_key(venv: Env) -> None:
         conn.run("true", hide=True, in_stream=False)
     conn.close()
     assert kh.read_text() == ""
+
+
+def _negotiated_kex(argv: list[str]) -> str:
+    """Run vtool's ssh command line as a connection of its own (no shared one), verbosely, and
+    return the key exchange it agreed on."""
+    shared = ("ControlMaster=", "ControlPath=", "ControlPersist=", "LogLevel=")
+    own: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "-o" and argv[i + 1].startswith(shared):
+            i += 2
+            continue
+        if argv[i] != "-tt":
+            own.append(argv[i])
+        i += 1
+    own[1:1] = ["-v", "-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    r = subprocess.run(own, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in r.stderr.splitlines():
+        if "kex: algorithm:" in line:
+            return line.split("kex: algorithm:", 1)[1].strip()
+    raise AssertionError(f"ssh -v named no key exchange:\n{r.stderr[-2000:]}")
+
+
+def test_connections_take_the_first_key_exchange_a_node_offers(venv: Env) -> None:
+    """The default ``ssh.kex`` puts the cheapest first (OpenSSL's P-256); a node that does not
+    offer it is still reached, with the next one (curve25519)."""
+    from vtool import Cluster
+    from vtool.api import ssh_argv
+    from vtool.config import VTOOL_DEFAULTS
+
+    from conftest import wait_for
+
+    first, second = VTOOL_DEFAULTS["ssh"]["kex"].split(",")[:2]
+    assert (first, second) == ("ecdh-sha2-nistp256", "curve25519-sha256")
+    c = Cluster()
+    c.launch(2)
+    assert _negotiated_kex(ssh_argv(0, settings=c.settings, command="true")) == first
+    # node 1's sshd now offers curve25519 only (SIGHUP: sshd starts again with its config)
+    node = venv.vhome / "clusters" / "default" / "nodes" / "1"
+    with open(node / "sshd_config", "a") as f:
+        f.write(f"KexAlgorithms {second}\n")
+    old = int((node / "sshd.pid").read_text())
+    os.kill(old, 1)
+    argv = ssh_argv(1, settings=c.settings, command="true")
+
+    def agreed() -> str | None:
+        try:
+            return _negotiated_kex(argv)
+        except AssertionError:  # (not listening again yet)
+            return None
+
+    assert wait_for(agreed) == second
+    for sock in (venv.vhome / "cm").glob("*"):  # vtool's own connections: opened again, to node 1 too
+        subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"], capture_output=True, timeout=30)
+    r = venv.cli("run", "--nodes", "1", "echo reached")
+    assert r.returncode == 0 and "reached" in r.stdout, r.stderr
+    assert c.terminate().ok

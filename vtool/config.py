@@ -43,7 +43,11 @@ VTOOL_DEFAULTS: dict[str, Any] = {
     "ssh": {
         "user": "",  # login user on the nodes ("" = the provider's default)
         "persist": 300,  # seconds a shared SSH connection stays open after the last command
-        "kex": "curve25519-sha256,curve25519-sha256@libssh.org,sntrup761x25519-sha512@openssh.com",
+        # ECDH on NIST P-256 first: OpenSSL's code, where OpenSSH's curve25519 is its own portable C.
+        # Measured per new connection here (OpenSSH 9.2, OpenSSL 3.0): 9.0 ms of the client's CPU
+        # and 19.0 ms of the node's against 11.4 and 21.9 with curve25519 (sntrup761x25519,
+        # OpenSSH's default: 74 ms). Servers without it agree on the next one.
+        "kex": "ecdh-sha2-nistp256,curve25519-sha256,curve25519-sha256@libssh.org,sntrup761x25519-sha512@openssh.com",
         "program": "ssh",  # the OpenSSH client to run
         "nodelay": True,  # open connections through vtool-connect (TCP_NODELAY; built once with cc if there is one)
         "ciphers": "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr",  # AES-GCM first: the fastest where the CPU has AES instructions

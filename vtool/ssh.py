@@ -2,7 +2,7 @@
 connection per node (ControlMaster), for commands, streams and interactive shells.
 
 OpenSSH rather than paramiko: connection sharing makes a warm command cost a few ms,
-the cheap curve25519 key exchange is a setting, ``connect`` needs a real TTY, and
+a cheap key exchange (``ssh.kex``) is a setting, ``connect`` needs a real TTY, and
 ``ssh-config`` output can be used with the same options by hand (see docs/benchmarks.md).
 """
 
