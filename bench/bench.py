@@ -538,6 +538,7 @@ class Bench:
     timeout: float
     ports: dict[int, int] = field(default_factory=dict)
     hostkeys: dict[int, str] = field(default_factory=dict)
+    hostkey_types: dict[int, str] = field(default_factory=dict)  # e.g. ecdsa-sha2-nistp256, by node
     results: dict[str, dict[tuple[str, ...], list[Sample]]] = field(default_factory=dict)
     memory: dict[str, dict[tuple[str, ...], Sample]] = field(default_factory=dict)
     traffic: dict[tuple[str, ...], Traffic] = field(default_factory=dict)  # workload 6
@@ -586,8 +587,11 @@ class Bench:
         for line in (self.cluster_dir / "known_hosts").read_text().splitlines():
             alias, kind, key = line.split()[:3]
             self.hostkeys[int(alias.rsplit("-", 1)[1])] = key
+            self.hostkey_types[int(alias.rsplit("-", 1)[1])] = kind
         (self.tmp / "known_hosts_ip").write_text(
-            "".join(f"[127.0.0.1]:{self.ports[i]} ssh-ed25519 {k}\n" for i, k in sorted(self.hostkeys.items()))
+            "".join(
+                f"[127.0.0.1]:{self.ports[i]} {self.hostkey_types[i]} {k}\n" for i, k in sorted(self.hostkeys.items())
+            )
         )
         cfg = self.vtool("ssh-config")
         (self.tmp / "ssh_config").write_text(cfg.stdout)
@@ -629,7 +633,9 @@ class Bench:
             known = self.tmp / f"known_hosts_ip{tag}"
             if ports is not None:
                 known.write_text(
-                    "".join(f"[127.0.0.1]:{via[i]} ssh-ed25519 {k}\n" for i, k in sorted(self.hostkeys.items()))
+                    "".join(
+                        f"[127.0.0.1]:{via[i]} {self.hostkey_types[i]} {k}\n" for i, k in sorted(self.hostkeys.items())
+                    )
                 )
             nodes = [
                 {"index": i, "alias": f"{CLUSTER}-{i}", "port": via[i], "hostkey": self.hostkeys[i]} for i in range(n)

@@ -38,7 +38,7 @@ def test_keys_are_private_even_under_umask_000(venv: Env) -> None:
     assert r.returncode == 0, r.stderr
     c = venv.vhome / "clusters" / "default"
     for path, mode in ((venv.vhome, 0o700), (c, 0o700), (c / "id_ed25519", 0o600), (c / "known_hosts", 0o600),
-                       (c / "nodes" / "0" / "ssh_host_ed25519_key", 0o600)):
+                       (c / "nodes" / "0" / "ssh_host_ecdsa_key", 0o600)):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
     os.chmod(c / "id_ed25519", 0o644)
     r = venv.cli("launch", "1")
@@ -105,6 +105,15 @@ def test_fabric_connection_refuses_an_unpinned_host_key(venv: Env) -> None:
     assert kh.read_text() == ""
 
 
+def _close_shared_connections(venv: Env) -> None:
+    import vtool
+    from vtool import api
+
+    s = api.Session(vtool.settings())
+    for node in s.info().nodes:
+        s.client(node).close()
+
+
 def _negotiated_kex(argv: list[str]) -> str:
     """Run vtool's ssh command line as a connection of its own (no shared one), verbosely, and
     return the key exchange it agreed on."""
@@ -156,8 +165,36 @@ def test_connections_take_the_first_key_exchange_a_node_offers(venv: Env) -> Non
             return None
 
     assert wait_for(agreed) == second
-    for sock in (venv.vhome / "cm").glob("*"):  # vtool's own connections: opened again, to node 1 too
-        subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"], capture_output=True, timeout=30)
+    _close_shared_connections(venv)  # vtool's own: opened again, to node 1 too
     r = venv.cli("run", "--nodes", "1", "echo reached")
     assert r.returncode == 0 and "reached" in r.stdout, r.stderr
     assert c.terminate().ok
+
+
+def test_new_nodes_have_an_ecdsa_host_key_and_older_ed25519_nodes_still_start(venv: Env) -> None:
+    """ECDSA (P-256) host keys for the nodes launched now; a node made by an older vtool keeps
+    its ed25519 key: it starts with it, and vtool pins and checks that one."""
+    venv.ok("launch", "2")
+    nodes = venv.vhome / "clusters" / "default" / "nodes"
+    kh = venv.vhome / "clusters" / "default" / "known_hosts"
+    assert (nodes / "0" / "ssh_host_ecdsa_key.pub").read_text().startswith("ecdsa-sha2-nistp256 ")
+    assert "vtool-default-0 ecdsa-sha2-nistp256 " in kh.read_text()
+    venv.ok("stop", "--nodes", "1")
+    # node 1 as an older vtool made it: an ed25519 key, pinned
+    for name in ("ssh_host_ecdsa_key", "ssh_host_ecdsa_key.pub"):
+        (nodes / "1" / name).unlink()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(nodes / "1" / "ssh_host_ed25519_key")],
+                   check=True)
+    old = " ".join((nodes / "1" / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+    kh.write_text("".join(line + "\n" for line in kh.read_text().splitlines() if not line.startswith("vtool-default-1 "))
+                  + f"vtool-default-1 {old}\n")
+    venv.ok("start", "--nodes", "1")
+    r = venv.ok("run", "echo up")
+    assert r.stdout.count("up") == 2
+    venv.ok("stop", "--nodes", "1")
+    kh.write_text("")  # started again, it is pinned from its own (ed25519) key file
+    venv.ok("start", "--nodes", "1")
+    assert f"vtool-default-1 {old}\n" in kh.read_text()
+    r = venv.ok("run", "--nodes", "1", "echo again")
+    assert "again" in r.stdout
+    venv.ok("terminate", "--yes")

@@ -68,8 +68,8 @@ def test_local_nodes_are_repinned_from_their_own_key_never_trusted_on_first_use(
     for node in s.info().nodes:
         s.client(node).close()
     # Node 1 now presents another key: it must be refused, not pinned.
-    key = cluster3.vhome / "clusters" / "default" / "nodes" / "1" / "ssh_host_ed25519_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(cluster3.root / "k")], check=True)
+    key = cluster3.vhome / "clusters" / "default" / "nodes" / "1" / "ssh_host_ecdsa_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(cluster3.root / "k")], check=True)
     key.write_bytes((cluster3.root / "k").read_bytes())
     pkg = make_package(cluster3.root, "p", "#!/bin/sh\n")
     r = cluster3.cli("inject", str(pkg))
