@@ -139,11 +139,11 @@ def _negotiated_kex(argv: list[str]) -> str:
 def test_connections_take_the_first_key_exchange_a_node_offers(venv: Env) -> None:
     """The default ``ssh.kex`` puts the cheapest first (OpenSSL's P-256); a node that does not
     offer it is still reached, with the next one (curve25519)."""
+    from conftest import wait_for
+
     from vtool import Cluster
     from vtool.api import ssh_argv
     from vtool.config import VTOOL_DEFAULTS
-
-    from conftest import wait_for
 
     first, second = VTOOL_DEFAULTS["ssh"]["kex"].split(",")[:2]
     assert (first, second) == ("ecdh-sha2-nistp256", "curve25519-sha256")

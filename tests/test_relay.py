@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import sys
 import tarfile
@@ -639,3 +640,54 @@ def test_prepare_writes_the_cluster_files_and_the_key_with_shell_builtins(tmp_pa
         assert again(cmd, os.environ["PATH"]).returncode == 0 and (d / "hosts").read_text().count("\n") == 3
     finally:
         shutil.rmtree(home)
+
+
+def test_a_node_whose_unpack_fails_mid_stream_is_reported_and_the_others_get_it(venv: Env) -> None:
+    """Node 1, which unpacks the plain tar as it arrives and passes it on to nodes 3 and 5,
+    has a ``tar`` that gives up part-way: node 1 is reported with tar's own error, every
+    other node gets the package (nodes 3 and 5 still from node 1, which passes the stream
+    on), nothing half-unpacked is left on node 1, and a re-run with a working tar completes it."""
+    venv.ok("launch", "6")
+    node = _node_dir(venv, 1)
+    fake = venv.root / "fakebin"
+    fake.mkdir()
+    real_tar = shutil.which("tar")
+    # it unpacks nothing (as on a full disk) but lists archives as tar does
+    (fake / "tar").write_text(
+        "#!/bin/sh\n"
+        "case $1 in -x*) head -c 300000 >/dev/null; echo 'tar: broken here' >&2; exit 2;; esac\n"
+        f'exec {real_tar} "$@"\n'
+    )
+    (fake / "tar").chmod(0o755)
+    # node 1's sessions find that tar first (SetEnv: only its first line counts, so extend it)
+    lines = (node / "sshd_config").read_text().splitlines()
+    lines = [f'{ln} "PATH={fake}:/usr/local/bin:/usr/bin:/bin"' if ln.startswith("SetEnv ") else ln for ln in lines]
+    (node / "sshd_config").write_text("\n".join(lines) + "\n")
+    os.kill(int((node / "sshd.pid").read_text()), signal.SIGHUP)
+    import vtool
+    from vtool import api
+
+    s = api.Session(vtool.settings())
+    for n in s.info().nodes:  # a connection made before keeps the old settings
+        s.client(n).close()
+    wait_for(lambda: venv.cli("run", "--nodes", "1", "command -v tar").stdout.strip().endswith(f"{fake}/tar"))
+    pkg = _big_package(venv.root, "big", 4, "v1")
+    r = venv.cli("inject", str(pkg), timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "node 1: FAILED" in r.stdout + r.stderr and "tar: broken here" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "through a tree of 6 nodes" in r.stderr, r.stderr
+    for i in (0, 2, 3, 4, 5):
+        got = _release_dir(venv, i, "big")
+        assert got is not None and (got / "blob.bin").read_bytes() == (pkg / "blob.bin").read_bytes(), (i, r.stdout)
+    # node 1 still passed the stream on: its children got it from it, not from the client again
+    for i in (3, 5):
+        assert f"node {i}: started (in screen; package from another node)" in r.stdout, r.stdout
+    assert _release_dir(venv, 1, "big") is None
+    assert not list((venv.node_home(1) / ".vtool" / "releases").glob(".incoming*"))
+    # with its own sshd config again (and the system's tar), a re-run completes node 1
+    venv.ok("stop", "--nodes", "1")
+    venv.ok("start", "--nodes", "1")
+    r = venv.ok("inject", str(pkg), "--only-failed", timeout=300)
+    assert "node 1: started" in r.stdout
+    got = _release_dir(venv, 1, "big")
+    assert got is not None and (got / "blob.bin").read_bytes() == (pkg / "blob.bin").read_bytes()
