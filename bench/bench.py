@@ -69,20 +69,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent  # the bench venv's bin: vtool, ansible, inv
-
-
-@functools.cache
-def vtool_kex() -> str:
-    """The key exchange vtool's connections agree on: the first of its default ``ssh.kex``. The
-    tuned ``xargs + ssh`` rows ask ssh for the same one, so they differ from vtool only in the
-    tool, never in the cryptography."""
-    from vtool.config import VTOOL_DEFAULTS
-
-    return str(VTOOL_DEFAULTS["ssh"]["kex"]).split(",")[0]
-
-
-def xargs_kex_name() -> str:
-    return f"xargs -P + ssh ({vtool_kex()})"
 CLUSTER = "bench"
 HOSTNAME = socket.gethostname()
 TICK = os.sysconf("SC_CLK_TCK")
@@ -537,8 +523,7 @@ class Bench:
     runs: int
     timeout: float
     ports: dict[int, int] = field(default_factory=dict)
-    hostkeys: dict[int, str] = field(default_factory=dict)
-    hostkey_types: dict[int, str] = field(default_factory=dict)  # e.g. ecdsa-sha2-nistp256, by node
+    hostkeys: dict[int, tuple[str, str]] = field(default_factory=dict)  # node -> (type, base64 key)
     results: dict[str, dict[tuple[str, ...], list[Sample]]] = field(default_factory=dict)
     memory: dict[str, dict[tuple[str, ...], Sample]] = field(default_factory=dict)
     traffic: dict[tuple[str, ...], Traffic] = field(default_factory=dict)  # workload 6
@@ -568,6 +553,11 @@ class Bench:
             check=False,
         )
 
+    def known_hosts_ip(self, ports: dict[int, int]) -> str:
+        """The pinned host keys as ``[127.0.0.1]:PORT TYPE KEY`` lines (for the peers that
+        look hosts up by address and port)."""
+        return "".join(f"[127.0.0.1]:{ports[i]} {kind} {key}\n" for i, (kind, key) in sorted(self.hostkeys.items()))
+
     def node_home(self, i: int) -> Path:
         return self.cluster_dir / "nodes" / str(i) / "home"
 
@@ -586,13 +576,8 @@ class Bench:
             self.ports[node["index"]] = node["port"]
         for line in (self.cluster_dir / "known_hosts").read_text().splitlines():
             alias, kind, key = line.split()[:3]
-            self.hostkeys[int(alias.rsplit("-", 1)[1])] = key
-            self.hostkey_types[int(alias.rsplit("-", 1)[1])] = kind
-        (self.tmp / "known_hosts_ip").write_text(
-            "".join(
-                f"[127.0.0.1]:{self.ports[i]} {self.hostkey_types[i]} {k}\n" for i, k in sorted(self.hostkeys.items())
-            )
-        )
+            self.hostkeys[int(alias.rsplit("-", 1)[1])] = (kind, key)
+        (self.tmp / "known_hosts_ip").write_text(self.known_hosts_ip(self.ports))
         cfg = self.vtool("ssh-config")
         (self.tmp / "ssh_config").write_text(cfg.stdout)
         self.ansible_dir.mkdir(parents=True, exist_ok=True)
@@ -632,13 +617,10 @@ class Bench:
             via = self.ports if ports is None else ports
             known = self.tmp / f"known_hosts_ip{tag}"
             if ports is not None:
-                known.write_text(
-                    "".join(
-                        f"[127.0.0.1]:{via[i]} {self.hostkey_types[i]} {k}\n" for i, k in sorted(self.hostkeys.items())
-                    )
-                )
+                known.write_text(self.known_hosts_ip(via))
             nodes = [
-                {"index": i, "alias": f"{CLUSTER}-{i}", "port": via[i], "hostkey": self.hostkeys[i]} for i in range(n)
+                {"index": i, "alias": f"{CLUSTER}-{i}", "port": via[i], "hostkey": self.hostkeys[i][1]}
+                for i in range(n)
             ]
             path.write_text(
                 json.dumps(
@@ -775,6 +757,20 @@ def _user() -> str:
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+@functools.cache
+def vtool_kex() -> str:
+    """The key exchange vtool's connections agree on: the first of its default ``ssh.kex``. The
+    tuned ``xargs + ssh`` rows ask ssh for the same one, so they differ from vtool only in the
+    tool, never in the cryptography."""
+    from vtool.config import VTOOL_DEFAULTS
+
+    return str(VTOOL_DEFAULTS["ssh"]["kex"]).split(",")[0]
+
+
+def xargs_kex_name() -> str:
+    return f"xargs -P + ssh ({vtool_kex()})"
 
 
 # -- workload 1: run hostname -------------------------------------------------------------

@@ -215,6 +215,17 @@ def pids_whose_cmdline_has(*parts: str) -> set[int]:
     return found
 
 
+def close_shared_connections() -> None:
+    """Close vtool's shared SSH connections to the current cluster's nodes (the next command
+    opens new ones: a node's sshd settings changed since apply to those only)."""
+    import vtool
+    from vtool import api
+
+    s = api.Session(vtool.settings())
+    for node in s.info().nodes:
+        s.client(node).close()
+
+
 def make_package(base: Path, name: str, script: str, files: dict[str, str] | None = None, mode: int = 0o755) -> Path:
     """A package folder ``base/name`` with ``vtool-launch`` = ``script``."""
     d = base / name

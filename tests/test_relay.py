@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Env, make_package, stop_all_nodes, wait_for
+from conftest import Env, close_shared_connections, make_package, stop_all_nodes, wait_for
 
 from vtool import remote
 from vtool.distribute import BaseChanged, HolderLost, distribute
@@ -664,13 +664,14 @@ def test_a_node_whose_unpack_fails_mid_stream_is_reported_and_the_others_get_it(
     lines = [f'{ln} "PATH={fake}:/usr/local/bin:/usr/bin:/bin"' if ln.startswith("SetEnv ") else ln for ln in lines]
     (node / "sshd_config").write_text("\n".join(lines) + "\n")
     os.kill(int((node / "sshd.pid").read_text()), signal.SIGHUP)
-    import vtool
-    from vtool import api
 
-    s = api.Session(vtool.settings())
-    for n in s.info().nodes:  # a connection made before keeps the old settings
-        s.client(n).close()
-    wait_for(lambda: venv.cli("run", "--nodes", "1", "command -v tar").stdout.strip().endswith(f"{fake}/tar"))
+    def sees_the_fake_tar() -> bool:
+        # A connection keeps the settings of the sshd that accepted it: until sshd has started
+        # again with the new config, each try closes the shared one and opens another.
+        close_shared_connections()
+        return venv.cli("run", "--nodes", "1", "command -v tar").stdout.strip().endswith(f"{fake}/tar")
+
+    wait_for(sees_the_fake_tar)
     pkg = _big_package(venv.root, "big", 4, "v1")
     r = venv.cli("inject", str(pkg), timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr

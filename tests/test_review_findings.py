@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from conftest import Env, make_package, wait_for
+from conftest import Env, close_shared_connections, make_package, wait_for
 
 
 def test_a_remote_exit_255_is_the_commands_own_and_never_retried(cluster3: Env) -> None:
@@ -61,12 +61,7 @@ def test_local_nodes_are_repinned_from_their_own_key_never_trusted_on_first_use(
     kh = cluster3.vhome / "clusters" / "default" / "known_hosts"
     before = sorted(kh.read_text().splitlines())
     kh.write_text("")
-    import vtool
-    from vtool import api
-
-    s = api.Session(vtool.settings())
-    for node in s.info().nodes:
-        s.client(node).close()
+    close_shared_connections()
     # Node 1 now presents another key: it must be refused, not pinned.
     key = cluster3.vhome / "clusters" / "default" / "nodes" / "1" / "ssh_host_ecdsa_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(cluster3.root / "k")], check=True)

@@ -81,6 +81,11 @@ def host_key_file(d: Path) -> Path:
     return d / _HOST_KEYS[0]
 
 
+def _public_key(private: Path) -> str:
+    """``"TYPE BASE64"`` of a key ssh-keygen wrote (its ``.pub``, without the comment)."""
+    return " ".join(Path(f"{private}.pub").read_text().split()[:2])
+
+
 def _q(value: str | Path) -> str:
     value = str(value)
     if '"' in value or "\n" in value:
@@ -307,7 +312,7 @@ class LocalProvider:
         screendir = ensure_private_dir(_screen_dir(home, token))  # `screen -r` sees only this node's sessions
         node_id = f"local-{cluster}-{index}-{token[:8]}"
         alias = f"vtool-{cluster}-{index}"
-        pin_host_key(paths, alias, (d / f"{_HOST_KEYS[0]}.pub").read_text().split(" vtool-")[0])
+        pin_host_key(paths, alias, _public_key(hostkey))
         launched = time.time()
         port, pid = self._serve(sshd, d, home, token, screendir)
         meta = {
@@ -467,9 +472,8 @@ class LocalProvider:
     def host_keys(self, node: Node) -> list[str]:
         """The node's host key, read from the key vtool generated for it (never trusted on
         first use)."""
-        key = host_key_file(ClusterPaths(self.home, node.cluster).nodes / str(node.index))
         try:
-            return [" ".join(key.with_name(key.name + ".pub").read_text().split()[:2])]
+            return [_public_key(host_key_file(ClusterPaths(self.home, node.cluster).nodes / str(node.index)))]
         except OSError:
             return []
 
