@@ -68,6 +68,23 @@ def test_bad_config_file(venv: Env, yaml_text: str, says: str) -> None:
     assert not (venv.vhome / "clusters").exists()
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "says"),
+    [
+        ("ssh:\n  kex: curve25519-sha256,curve-typo\n", "ssh.kex: this OpenSSH client does not know 'curve-typo'"),
+        ("ssh:\n  ciphers: aes999-gcm\n", "ssh.ciphers: this OpenSSH client does not know 'aes999-gcm'"),
+        ("ssh:\n  hostkeys: '+ssh-ed2559'\n", "ssh.hostkeys: this OpenSSH client does not know 'ssh-ed2559'"),
+    ],
+)
+def test_an_algorithm_ssh_does_not_know_is_refused_before_launching(venv: Env, yaml_text: str, says: str) -> None:
+    """A typo in an algorithm list would otherwise fail on every node after it was made (on
+    EC2: instances paid for, then terminated)."""
+    (venv.work / "vtool.yaml").write_text(yaml_text)
+    line = refused(venv, "launch", "2", code=2, says=says)
+    assert "-Q" in line
+    assert not (venv.vhome / "clusters").exists()
+
+
 def test_config_file_not_utf8(venv: Env) -> None:
     (venv.work / "vtool.yaml").write_bytes(b"cluster: caf\xe9\n")  # Latin-1, as an old editor saves it
     line = refused(venv, "launch", "2", code=2, says="not valid YAML (not UTF-8 text)")

@@ -161,6 +161,46 @@ def test_connections_take_the_first_key_exchange_a_node_offers(venv: Env) -> Non
     assert c.terminate().ok
 
 
+def test_a_first_contact_pins_the_preferred_host_key_of_those_a_node_offers(venv: Env) -> None:
+    """A cloud node's first contact (trust on first use) pins its ECDSA P-256 key when it offers
+    ed25519 too (``ssh.hostkeys``); with ``ssh.hostkeys: ""``, OpenSSH's own order (ed25519)."""
+    import dataclasses
+
+    from vtool import Cluster
+    from vtool.api import Session
+    from vtool.config import VTOOL_DEFAULTS
+
+    c = Cluster()
+    c.launch(1)
+    node = venv.vhome / "clusters" / "default" / "nodes" / "0"
+    ed25519 = node / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ed25519)], check=True)
+    with open(node / "sshd_config", "a") as f:
+        f.write(f"HostKey {ed25519}\n")
+    os.kill(int((node / "sshd.pid").read_text()), signal.SIGHUP)
+    ecdsa_pub = " ".join((node / "ssh_host_ecdsa_key.pub").read_text().split()[:2])
+    ed25519_pub = " ".join((node / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+    port = str(venv.node_meta(0)["port"])
+
+    def offers_both() -> bool:  # (once sshd has started again with the second key)
+        r = subprocess.run(["ssh-keyscan", "-p", port, "-t", "ecdsa,ed25519", "127.0.0.1"],
+                           capture_output=True, text=True, timeout=30)
+        return ecdsa_pub in r.stdout and ed25519_pub in r.stdout
+
+    wait_for(offers_both)
+
+    def first_contact(hostkeys: str) -> list[str]:
+        settings = c.settings.replace(ssh=dataclasses.replace(c.settings.ssh, hostkeys=hostkeys))
+        s = Session(settings)
+        return s.client(s.existing().nodes[0]).first_contact(timeout=10)
+
+    assert c.settings.ssh.hostkeys == VTOOL_DEFAULTS["ssh"]["hostkeys"]
+    assert VTOOL_DEFAULTS["ssh"]["hostkeys"].startswith("ecdsa-sha2-nistp256,ssh-ed25519,")
+    assert first_contact(c.settings.ssh.hostkeys) == [ecdsa_pub]
+    assert first_contact("") == [ed25519_pub]
+    assert c.terminate().ok
+
+
 def test_new_nodes_have_an_ecdsa_host_key_and_older_ed25519_nodes_still_start(venv: Env) -> None:
     """ECDSA (P-256) host keys for the nodes launched now; a node made by an older vtool keeps
     its ed25519 key: it starts with it, and vtool pins and checks that one."""

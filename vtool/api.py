@@ -48,7 +48,7 @@ from .models import (
     parse_node_spec,
 )
 from .providers.base import Provider
-from .ssh import SshClient, connect_helper, ssh_config_block
+from .ssh import SshClient, check_algorithms, connect_helper, ssh_config_block
 from .state import (
     ClusterCache,
     ClusterPaths,
@@ -204,6 +204,7 @@ class Session:
                         connect_timeout=s.timeout.connect,
                         kex=s.ssh.kex,
                         ciphers=s.ssh.ciphers,
+                        hostkeys=s.ssh.hostkeys,
                         control_dir=control_dir(s.home),
                         # (in VTOOL_HOME or ~/.vtool: a project's vtool.yaml may set `home`, and a
                         # program vtool runs must not come from a folder a project chose)
@@ -314,6 +315,7 @@ def launch(
     n = check_count(count)
     if shutil.which(settings.ssh.program) is None:
         raise ConfigError(f"ssh.program {settings.ssh.program!r} was not found; install the OpenSSH client")
+    check_algorithms(settings.ssh.program, settings.ssh)  # a typo is refused before a node is made
     s = Session(settings)
     s.provider.check()
     s.paths.create()

@@ -48,6 +48,10 @@ VTOOL_DEFAULTS: dict[str, Any] = {
         # and 19.0 ms of the node's against 11.4 and 21.9 with curve25519 (sntrup761x25519,
         # OpenSSH's default: 74 ms). Servers without it agree on the next one.
         "kex": "ecdh-sha2-nistp256,curve25519-sha256,curve25519-sha256@libssh.org,sntrup761x25519-sha512@openssh.com",
+        # The host key a node's first contact pins, by preference: ECDSA P-256 first, which the
+        # client verifies with OpenSSL's code (ed25519: OpenSSH's own portable C), 1.2 ms less of
+        # its CPU per new connection here. "" = OpenSSH's own order (ed25519 first).
+        "hostkeys": "ecdsa-sha2-nistp256,ssh-ed25519,ecdsa-sha2-nistp384,ecdsa-sha2-nistp521,rsa-sha2-512,rsa-sha2-256",
         "program": "ssh",  # the OpenSSH client to run
         "nodelay": True,  # open connections through vtool-connect (TCP_NODELAY; built once with cc if there is one)
         "ciphers": "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr",  # AES-GCM first: the fastest where the CPU has AES instructions
@@ -230,6 +234,7 @@ class SshSettings:
     program: str
     ciphers: str = ""
     nodelay: bool = True
+    hostkeys: str = ""
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,7 @@ def _from_tree(tree: dict[str, Any], sources: tuple[str, ...]) -> Settings:
             program=s["program"],
             ciphers=s["ciphers"],
             nodelay=s["nodelay"],
+            hostkeys=s["hostkeys"],
         ),
         inject_auto=tree["inject"]["auto"],
         inject_screen=tree["inject"]["screen"],

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import early, mux
-from .errors import HostKeyMismatch, NodeError, NodeUnreachable, VtoolError
+from .errors import ConfigError, HostKeyMismatch, NodeError, NodeUnreachable, VtoolError
 from .models import CommandResult, SshTarget
 from .state import ensure_private_dir, sha256_hex
 
@@ -133,6 +133,44 @@ _CONNECT_FAILURES = (
 _BLANK = re.compile(r"\s")
 
 
+# The algorithm settings and what ``ssh -Q`` calls each.
+_ALGORITHM_SETTINGS = (("kex", "kex"), ("ciphers", "cipher"), ("hostkeys", "HostKeyAlgorithms"))
+
+
+def check_algorithms(program: str, settings: Any) -> None:
+    """ConfigError naming the first algorithm in ``ssh.kex``, ``ssh.ciphers`` or
+    ``ssh.hostkeys`` that the OpenSSH client ``program`` does not know (``ssh -Q``), so that
+    a typo is refused before anything is launched, not after every node was made. A list
+    that adds or removes (``+``, ``-``, ``^``) is checked by its names; patterns are not.
+    Where ssh cannot list what it knows (another client), nothing is checked."""
+    for name, query in _ALGORITHM_SETTINGS:
+        value = str(getattr(settings, name, "") or "")
+        if not value:
+            continue
+        try:
+            r = subprocess.run(
+                [program, "-Q", query],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return
+        known = set(r.stdout.split())
+        if r.returncode != 0 or not known:
+            continue
+        for word in value.lstrip("+-^").split(","):
+            word = word.strip()
+            if not word or "*" in word or "?" in word:
+                continue
+            if word not in known:
+                raise ConfigError(
+                    f"ssh.{name}: this OpenSSH client does not know {word!r} (`{program} -Q {query}` lists what it knows)"
+                )
+
+
 def _is_address(host: str) -> bool:
     """Whether ``host`` is an IPv4 or IPv6 address (not a name)."""
     import socket
@@ -210,8 +248,11 @@ class SshClient:
         retries: int = 2,
         ciphers: str = "",
         connector: str | None = None,
+        hostkeys: str = "",
     ) -> None:
+        """``hostkeys``: the host key types ``first_contact`` prefers, in order ("": ssh's own)."""
         self.target = target
+        self.hostkeys = hostkeys
         # vtool-connect (connect_helper), when there is one, no jump host is in the way and
         # the host is an address (a static build resolves names without the system's NSS
         # modules: a name that only they know is left to ssh).
@@ -303,6 +344,8 @@ class SshClient:
                 "-o",
                 "ControlPath=none",
             ]
+            if self.hostkeys:  # the type pinned now is the one every later connection verifies
+                opts += ["-o", f"HostKeyAlgorithms={self.hostkeys}"]
             argv = [self.program, "-F", "/dev/null", *opts, "-T", "--", self.target.host, "true"]
             _check_stopping()
             proc = _track(
