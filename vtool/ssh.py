@@ -18,12 +18,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import early, mux
 from .errors import ConfigError, HostKeyMismatch, NodeError, NodeUnreachable, VtoolError
 from .models import CommandResult, SshTarget
 from .state import ensure_private_dir, sha256_hex
+
+if TYPE_CHECKING:
+    from .config import SshSettings
 
 LineCallback = Callable[[str, str], None]  # (stream "out"|"err", line without newline)
 
@@ -137,14 +140,14 @@ _BLANK = re.compile(r"\s")
 _ALGORITHM_SETTINGS = (("kex", "kex"), ("ciphers", "cipher"), ("hostkeys", "HostKeyAlgorithms"))
 
 
-def check_algorithms(program: str, settings: Any) -> None:
+def check_algorithms(program: str, settings: SshSettings) -> None:
     """ConfigError naming the first algorithm in ``ssh.kex``, ``ssh.ciphers`` or
     ``ssh.hostkeys`` that the OpenSSH client ``program`` does not know (``ssh -Q``), so that
     a typo is refused before anything is launched, not after every node was made. A list
     that adds or removes (``+``, ``-``, ``^``) is checked by its names; patterns are not.
     Where ssh cannot list what it knows (another client), nothing is checked."""
     for name, query in _ALGORITHM_SETTINGS:
-        value = str(getattr(settings, name, "") or "")
+        value: str = getattr(settings, name)
         if not value:
             continue
         try:
