@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import datetime
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -60,7 +62,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -143,6 +145,75 @@ def _memory(pid: int) -> tuple[int, int]:
     return pss, hwm
 
 
+class CpuGroup:
+    """A control group: the kernel counts the CPU time of every process in it and of every
+    process they start, to the nanosecond, whether they have ended or not (cgroup v2's
+    ``cpu.stat``, or v1's ``cpuacct``). /proc's per-process times come in 10 ms ticks,
+    rounded down for each process: 32 connections of ~15 ms each read as half that."""
+
+    def __init__(self, path: Path, v2: bool, home: Path) -> None:
+        self.path = path
+        self.v2 = v2
+        self.home = home  # the group this process was in (``inside`` returns it there)
+
+    @classmethod
+    def make(cls, name: str) -> CpuGroup | None:
+        """A new group, or None where this machine or user cannot make one."""
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = [ln.split() for ln in f]
+            with open("/proc/self/cgroup") as f:
+                mine = [ln.rstrip("\n").split(":", 2) for ln in f]
+        except OSError:
+            return None
+        for v2 in (True, False):
+            for _dev, where, kind, options, *_ in mounts:
+                if v2 != (kind == "cgroup2") or (not v2 and (kind != "cgroup" or "cpuacct" not in options.split(","))):
+                    continue
+                own = [p for _, ctrl, p in mine if (ctrl == "" if v2 else "cpuacct" in ctrl.split(","))]
+                if not own:
+                    continue
+                group = cls(Path(where) / name, v2, Path(where) / own[0].lstrip("/"))
+                try:
+                    group.path.mkdir()
+                    group.seconds()
+                except OSError:
+                    continue
+                return group
+        return None
+
+    def seconds(self) -> float:
+        if self.v2:
+            with open(self.path / "cpu.stat") as f:
+                for ln in f:
+                    if ln.startswith("usage_usec "):
+                        return int(ln.split()[1]) / 1e6
+            raise OSError("no usage_usec in cpu.stat")
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def add(self, pid: int, into: Path | None = None) -> None:
+        try:
+            ((into or self.path) / "cgroup.procs").write_text(str(pid))
+        except ProcessLookupError:  # (ended meanwhile)
+            pass
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        """This process in the group for a moment: what it starts meanwhile stays there."""
+        self.add(os.getpid())
+        try:
+            yield
+        finally:
+            self.add(os.getpid(), into=self.home)
+
+    def remove(self) -> None:
+        """Delete the group once its processes have ended (a group still in use stays)."""
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
 def adopted_masters() -> dict[int, float]:
     """OpenSSH processes that our children left behind: {pid: cpu seconds so far}."""
     out = {}
@@ -175,6 +246,7 @@ class Sample:
     note: str = ""
     memory_mb: float = float("nan")  # peak of the summed PSS of the client's processes
     largest_mb: float = float("nan")  # peak RSS of its largest process
+    node_cpu: float = float("nan")  # CPU seconds the nodes' sshd processes used meanwhile
 
 
 @dataclass
@@ -260,19 +332,30 @@ def measure(
     stdin_text: str | None = None,
     logdir: Path,
     memory: bool = False,
+    client: CpuGroup | None = None,
+    nodes: CpuGroup | None = None,
 ) -> Sample:
-    """Run argv once; time it and count its CPU; ``check(rc, stdout, stderr)`` returns
-    None when the result is right, or what is wrong.
+    """Run argv once; time it and count its CPU and the nodes' CPU meanwhile (``nodes``:
+    the group of their sshd processes); ``check(rc, stdout, stderr)`` returns None when the
+    result is right, or what is wrong.
+
+    With ``client``, the command starts in that group, and its CPU is the group's (the
+    command, everything it starts, and the connection masters this and earlier commands
+    left there, which are idle unless the command uses them); else it is what ``wait4``
+    reports for the command and its children, plus the adopted masters' /proc times.
 
     With ``memory``, sample the memory of the process tree and the adopted connection
     masters every 10 ms. Reading /proc costs CPU on the same 2 cores, so the timed runs do
     not sample, and memory comes from a run of its own."""
     before = adopted_masters()
+    nodes_before = nodes.seconds() if nodes else 0.0
+    client_before = client.seconds() if client else 0.0
     out_path, err_path, in_path = logdir / "stdout", logdir / "stderr", logdir / "stdin"
     in_path.write_text(stdin_text or "")
     with open(in_path, "rb") as stdin, open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, stdout=out, stderr=err, start_new_session=True)
+        with client.inside() if client else contextlib.nullcontext():
+            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, stdout=out, stderr=err, start_new_session=True)
         try:
             w = _wait(proc, t0, timeout, memory)
         except BaseException:  # Ctrl-C or SIGTERM: stop the child's process group first
@@ -280,6 +363,11 @@ def measure(
             os.wait4(proc.pid, 0)
             raise
     proc.returncode = os.waitstatus_to_exitcode(w.status)
+    # (the nodes' side of a connection the command closed may still be ending: a moment for
+    # it, untimed, so that its CPU is not counted in the next command's)
+    time.sleep(0.05 if nodes or client else 0)
+    nodes_used = nodes.seconds() - nodes_before if nodes else float("nan")
+    client_used = client.seconds() - client_before if client else 0.0
     after = adopted_masters()
     master_cpu = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items()) + reap()
     stdout = out_path.read_text(errors="replace")
@@ -287,11 +375,12 @@ def measure(
     problem = f"timed out after {timeout:g}s" if w.timed_out else check(proc.returncode, stdout, stderr)
     return Sample(
         wall=w.wall,
-        cpu=w.rusage.ru_utime + w.rusage.ru_stime + master_cpu,
+        cpu=client_used if client else w.rusage.ru_utime + w.rusage.ru_stime + master_cpu,
         ok=problem is None,
         note=problem or "",
         memory_mb=w.peak_sum / 2**20 if memory else float("nan"),
         largest_mb=w.peak_one / 2**20 if memory else float("nan"),
+        node_cpu=nodes_used,
     )
 
 
@@ -524,6 +613,8 @@ class Bench:
     timeout: float
     ports: dict[int, int] = field(default_factory=dict)
     hostkeys: dict[int, tuple[str, str]] = field(default_factory=dict)  # node -> (type, base64 key)
+    client_cpu: CpuGroup | None = None  # the measured commands' group (CpuGroup)
+    nodes_cpu: CpuGroup | None = None  # the nodes' sshd processes' group
     results: dict[str, dict[tuple[str, ...], list[Sample]]] = field(default_factory=dict)
     memory: dict[str, dict[tuple[str, ...], Sample]] = field(default_factory=dict)
     traffic: dict[tuple[str, ...], Traffic] = field(default_factory=dict)  # workload 6
@@ -574,6 +665,9 @@ class Bench:
         status = json.loads(self.vtool("status", "--json").stdout)
         for node in status[0]["nodes"]:
             self.ports[node["index"]] = node["port"]
+        if self.nodes_cpu is not None:
+            for meta in self.cluster_dir.glob("nodes/*/node.json"):
+                self.nodes_cpu.add(json.loads(meta.read_text())["pid"])
         for line in (self.cluster_dir / "known_hosts").read_text().splitlines():
             alias, kind, key = line.split()[:3]
             self.hostkeys[int(alias.rsplit("-", 1)[1])] = (kind, key)
@@ -730,7 +824,8 @@ class Bench:
             say(f"  {' '.join(key):<52} memory {sample.memory_mb:7.1f} MB, largest {sample.largest_mb:6.1f} MB  {mark}")
         else:
             self.results.setdefault(workload, {}).setdefault(key, []).append(sample)
-            say(f"  {' '.join(key):<52} {sample.wall:7.3f}s  cpu {sample.cpu:6.2f}s  {mark}")
+            cpu = f"cpu {sample.cpu:6.2f}s  nodes {sample.node_cpu:6.2f}s"
+            say(f"  {' '.join(key):<52} {sample.wall:7.3f}s  {cpu}  {mark}")
 
     def measure(
         self, argv: list[str], check, env: dict[str, str] | None = None, stdin_text: str | None = None
@@ -746,6 +841,8 @@ class Bench:
             stdin_text=stdin_text,
             logdir=logdir,
             memory=self.sampling,
+            client=self.client_cpu,
+            nodes=self.nodes_cpu,
         )
 
 
@@ -1451,9 +1548,10 @@ def stats(samples: list[Sample], mem: Sample | None) -> dict[str, str]:
             min=_fmt(min(walls)),
             max=_fmt(max(walls)),
             cpu=_fmt(statistics.median(s.cpu for s in good), 2),
+            nodes_cpu=_fmt(statistics.median(s.node_cpu for s in good), 2),
         )
     else:
-        row.update(median="failed", min="-", max="-", cpu="-")
+        row.update(median="failed", min="-", max="-", cpu="-", nodes_cpu="-")
     row["memory"] = _fmt(mem.memory_mb, 1) if mem and mem.ok else ("failed" if mem else "n/a")
     row["largest"] = _fmt(mem.largest_mb, 1) if mem and mem.ok else ("-" if mem else "n/a")
     notes = sorted({s.note for s in samples if not s.ok})
@@ -1466,7 +1564,8 @@ def stats(samples: list[Sample], mem: Sample | None) -> dict[str, str]:
 def render_table(
     b: Bench, workload: str, only: str | None = None, columns: tuple[str, ...] = ("N", "mode", "tool")
 ) -> str:
-    head = [*columns, "median s", "min s", "max s", "CPU s", "memory MB", "largest process MB", "ok", "failures"]
+    head = [*columns, "median s", "min s", "max s", "CPU s", "nodes CPU s", "memory MB", "largest process MB"]
+    head += ["ok", "failures"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, samples in b.results.get(workload, {}).items():
         if only is not None and key[0] != only:
@@ -1475,7 +1574,7 @@ def render_table(
         cells = list(key[-len(columns) :])
         if cells[-1].startswith("vtool"):
             cells[-1] = f"**{cells[-1]}**"
-        cells += [st[k] for k in ("median", "min", "max", "cpu", "memory", "largest", "ok", "note")]
+        cells += [st[k] for k in ("median", "min", "max", "cpu", "nodes_cpu", "memory", "largest", "ok", "note")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1493,11 +1592,19 @@ def render_traffic(b: Bench) -> str:
     return "\n".join(lines)
 
 
+def _both_cpu(samples: list[Sample]) -> str:
+    """The median of the client's and the nodes' CPU seconds together (n/a where not measured)."""
+    both = [s.cpu + s.node_cpu for s in samples if s.ok]
+    both = [x for x in both if math.isfinite(x)]
+    return _fmt(statistics.median(both), 2) if both else "n/a"
+
+
 def summary(b: Bench) -> str:
     """vtool's median against the fastest peer's on every row (the issue's targets)."""
     lines = [
-        "| workload | N | mode | vtool s | fastest peer | peer s | vtool / peer | target met |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | N | mode | vtool s | fastest peer | peer s | vtool / peer | target met "
+        "| vtool CPU s, client + nodes | peer CPU s, client + nodes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     labels = {
         "run": "run hostname",
@@ -1525,7 +1632,8 @@ def summary(b: Bench) -> str:
                 clean = all(s.ok for s in tools[mine[0]])
                 met = "yes (no failures: the scale target)" if clean else "no (failures)"
             lines.append(
-                f"| {label} | {n} | {mode} | {v:.3f} | {best} | {peers[best]:.3f} | {ratio:.2f} | {met} |"
+                f"| {label} | {n} | {mode} | {v:.3f} | {best} | {peers[best]:.3f} | {ratio:.2f} | {met} "
+                f"| {_both_cpu(tools[mine[0]])} | {_both_cpu(tools[best])} |"
             )
     hs = b.results.get("help", {})
     v = [s.wall for s in hs.get(("-", "-", "vtool --help"), []) if s.ok]
@@ -1534,7 +1642,7 @@ def summary(b: Bench) -> str:
         ratio = statistics.median(v) / statistics.median(i)
         lines.append(
             f"| vtool --help | - | - | {statistics.median(v):.3f} | inv --help | {statistics.median(i):.3f} | "
-            f"{ratio:.2f} | {'yes' if ratio <= 1.3 else 'no'} (target 1.3x) |"
+            f"{ratio:.2f} | {'yes' if ratio <= 1.3 else 'no'} (target 1.3x) | n/a | n/a |"
         )
     return "\n".join(lines)
 
@@ -1551,6 +1659,14 @@ def tree_state() -> str:
 
     dirty = " + uncommitted changes in vtool/" if git("status", "--porcelain", "--", "vtool") else ""
     return f"the work tree at commit {git('rev-parse', '--short', 'HEAD') or '?'}{dirty}"
+
+
+def cpu_counting(b: Bench) -> str:
+    """How the report's CPU seconds were counted (see CpuGroup)."""
+    g = b.client_cpu or b.nodes_cpu
+    if g is None:
+        return "/proc times and wait4 (no control group could be made here); nodes CPU not measured"
+    return f"control groups ({'cgroup v2 cpu.stat' if g.v2 else 'cgroup v1 cpuacct'}): one for the client's commands, one for the nodes"
 
 
 def machine(measured: str) -> list[tuple[str, str]]:
@@ -1670,10 +1786,21 @@ the same work again. **warm, same client in one process**: a Python script runs 
 twice on one client object and reports the wall time of the second; start-up and the first
 connection are not in that number (CPU and memory are not measured for these rows).
 
-**CPU s**: user+sys CPU seconds of the command and every process it waited for, plus what
-the OpenSSH connection masters it left running used meanwhile (median). Times are medians,
+**CPU s**: user+sys CPU seconds of the command, every process it started and the OpenSSH
+connection masters it and earlier commands left running (median), counted by the kernel in a
+control group the command starts in (see "CPU time counted by" above; where none can be
+made, `wait4`'s count for the command and its children plus the masters' `/proc` times,
+which come in 10 ms ticks rounded down per process, so short-lived masters count less than
+they used). Read 50 ms after the command ends (untimed). Times are medians,
 minima and maxima of the runs that succeeded; **ok** counts them, and **failures** says what
 went wrong in the others.
+
+**nodes CPU s**: user+sys CPU seconds the nodes used meanwhile (median): every node's sshd
+and every process it starts (the connections' sshd processes, the shells, `tar`, a node's
+own `ssh` passing vtool's package on), counted in a control group of their own, read before
+the command and 50 ms after it ends (untimed). The nodes run on the client's 2 cores, so when a row keeps both cores
+busy its wall time follows the client's and the nodes' CPU together; the summary shows both
+for vtool and the fastest peer.
 
 **memory MB**: the client's peak memory: the summed PSS (proportional set size: a page shared
 by k processes counts 1/k in each) of the command's whole process tree and the connection
@@ -1709,6 +1836,7 @@ def write_report(b: Bench, path: Path, command: str, started: str, seconds: floa
         "| | |",
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in machine(b.measured)],
+        f"| CPU time counted by | {cpu_counting(b)} |",
         "",
         HOW.replace("{kex}", vtool_kex()),
         "## vtool against the fastest peer",
@@ -1716,7 +1844,10 @@ def write_report(b: Bench, path: Path, command: str, started: str, seconds: floa
         "Medians from the tables below; the target is vtool at most as slow as the fastest peer "
         "(`vtool --help`: within 1.3x of `inv --help`; `run true` on 256 nodes: every run completes "
         "with no failure, its time shown beside the peers'). The in-process rows compare vtool's "
-        "Python API with the peers' Python APIs (the second command on one client).",
+        "Python API with the peers' Python APIs (the second command on one client). "
+        "The last two columns are the CPU seconds of the client and of the nodes together "
+        "(medians): the nodes share the client's 2 cores, so where both cores are busy a tool "
+        "that needs more CPU in all takes longer.",
         "",
         summary(b),
         "",
@@ -1892,6 +2023,8 @@ def main() -> None:
         PYTHONPYCACHEPREFIX=str(tmp / "pycache"),
     )
     b = Bench(tmp=tmp, env=env, runs=args.runs, timeout=args.timeout, measured=tree_state())
+    b.client_cpu = CpuGroup.make(f"vtool-bench-{os.getpid()}-client")
+    b.nodes_cpu = CpuGroup.make(f"vtool-bench-{os.getpid()}-nodes")
     started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.perf_counter()
     say(f"bench: temp {tmp}, {args.runs} runs, workloads {','.join(sorted(workloads))}")
@@ -1939,6 +2072,9 @@ def main() -> None:
             b.terminate()
         reap()
         set_subreaper(False)
+        for group in (b.client_cpu, b.nodes_cpu):
+            if group is not None:
+                group.remove()
         shutil.rmtree(tmp, ignore_errors=True)
     say("\n" + summary(b))
     write_report(b, Path(args.output), args.command, started, time.perf_counter() - t0, args)
