@@ -176,8 +176,14 @@ class CpuGroup:
                 group = cls(Path(where) / name, v2, Path(where) / own[0].lstrip("/"))
                 try:
                     group.path.mkdir()
-                    group.seconds()
                 except OSError:
+                    continue
+                try:
+                    group.seconds()
+                    with group.inside():  # (a group this process may not join, or leave, is of no use)
+                        pass
+                except OSError:
+                    group.remove()
                     continue
                 return group
         return None
@@ -666,8 +672,12 @@ class Bench:
         for node in status[0]["nodes"]:
             self.ports[node["index"]] = node["port"]
         if self.nodes_cpu is not None:
-            for meta in self.cluster_dir.glob("nodes/*/node.json"):
-                self.nodes_cpu.add(json.loads(meta.read_text())["pid"])
+            try:
+                for meta in self.cluster_dir.glob("nodes/*/node.json"):
+                    self.nodes_cpu.add(json.loads(meta.read_text())["pid"])
+            except OSError as e:  # (the nodes' CPU is then not counted: n/a in the report)
+                say(f"bench: cannot count the nodes' CPU ({e})")
+                self.nodes_cpu = None
         for line in (self.cluster_dir / "known_hosts").read_text().splitlines():
             alias, kind, key = line.split()[:3]
             self.hostkeys[int(alias.rsplit("-", 1)[1])] = (kind, key)
@@ -1666,7 +1676,12 @@ def cpu_counting(b: Bench) -> str:
     g = b.client_cpu or b.nodes_cpu
     if g is None:
         return "/proc times and wait4 (no control group could be made here); nodes CPU not measured"
-    return f"control groups ({'cgroup v2 cpu.stat' if g.v2 else 'cgroup v1 cpuacct'}): one for the client's commands, one for the nodes"
+    kind = "cgroup v2 cpu.stat" if g.v2 else "cgroup v1 cpuacct"
+    if b.client_cpu is None:
+        return f"the nodes' in a control group ({kind}); the client's by /proc times and wait4"
+    if b.nodes_cpu is None:
+        return f"the client's commands in a control group ({kind}); nodes CPU not measured"
+    return f"control groups ({kind}): one for the client's commands, one for the nodes"
 
 
 def machine(measured: str) -> list[tuple[str, str]]:
