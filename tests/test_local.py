@@ -140,12 +140,14 @@ def test_connections_take_the_first_key_exchange_a_node_offers(venv: Env) -> Non
     c = Cluster()
     c.launch(2)
     assert _negotiated_kex(ssh_argv(0, settings=c.settings, command="true")) == first
+    # (node 1's command line is made while its sshd runs: while it starts again, nothing
+    # listens on its port, and vtool calls such a node dead)
+    argv = ssh_argv(1, settings=c.settings, command="true")
     # node 1's sshd now offers curve25519 only (SIGHUP: sshd starts again with its config)
     node = venv.vhome / "clusters" / "default" / "nodes" / "1"
     with open(node / "sshd_config", "a") as f:
         f.write(f"KexAlgorithms {second}\n")
     os.kill(int((node / "sshd.pid").read_text()), signal.SIGHUP)
-    argv = ssh_argv(1, settings=c.settings, command="true")
 
     def agreed_on_second() -> bool:
         # (until sshd has started again: the old one still offers P-256, or nothing listens)
