@@ -166,11 +166,17 @@ class CpuGroup:
                 mine = [ln.rstrip("\n").split(":", 2) for ln in f]
         except OSError:
             return None
+
+        def counts(v2: bool, controllers: str) -> bool:
+            """Whether a hierarchy with these controllers counts CPU (v2: always; v1: cpuacct)."""
+            return v2 or "cpuacct" in controllers.split(",")
+
         for v2 in (True, False):
             for _dev, where, kind, options, *_ in mounts:
-                if v2 != (kind == "cgroup2") or (not v2 and (kind != "cgroup" or "cpuacct" not in options.split(","))):
+                if kind != ("cgroup2" if v2 else "cgroup") or not counts(v2, options):
                     continue
-                own = [p for _, ctrl, p in mine if (ctrl == "" if v2 else "cpuacct" in ctrl.split(","))]
+                # (this process's place in that hierarchy: v2's line names no controller)
+                own = [p for _, ctrl, p in mine if (ctrl == "") == v2 and counts(v2, ctrl)]
                 if not own:
                     continue
                 group = cls(Path(where) / name, v2, Path(where) / own[0].lstrip("/"))
@@ -353,14 +359,14 @@ def measure(
     With ``memory``, sample the memory of the process tree and the adopted connection
     masters every 10 ms. Reading /proc costs CPU on the same 2 cores, so the timed runs do
     not sample, and memory comes from a run of its own."""
-    before = adopted_masters()
+    before = {} if client else adopted_masters()
     nodes_before = nodes.seconds() if nodes else 0.0
     client_before = client.seconds() if client else 0.0
     out_path, err_path, in_path = logdir / "stdout", logdir / "stderr", logdir / "stdin"
     in_path.write_text(stdin_text or "")
     with open(in_path, "rb") as stdin, open(out_path, "wb") as out, open(err_path, "wb") as err:
-        t0 = time.perf_counter()
-        with client.inside() if client else contextlib.nullcontext():
+        with client.inside() if client else contextlib.nullcontext():  # (joined before the clock starts)
+            t0 = time.perf_counter()
             proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, stdout=out, stderr=err, start_new_session=True)
         try:
             w = _wait(proc, t0, timeout, memory)
@@ -373,15 +379,19 @@ def measure(
     # it, untimed, so that its CPU is not counted in the next command's)
     time.sleep(0.05 if nodes or client else 0)
     nodes_used = nodes.seconds() - nodes_before if nodes else float("nan")
-    client_used = client.seconds() - client_before if client else 0.0
-    after = adopted_masters()
-    master_cpu = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items()) + reap()
+    if client:
+        reap()  # (finished masters: their CPU is in the group's count)
+        cpu = client.seconds() - client_before
+    else:
+        after = adopted_masters()
+        masters = sum(c - before.get(pid, 0.0) for pid, c in after.items()) + reap()
+        cpu = w.rusage.ru_utime + w.rusage.ru_stime + masters
     stdout = out_path.read_text(errors="replace")
     stderr = err_path.read_text(errors="replace")
     problem = f"timed out after {timeout:g}s" if w.timed_out else check(proc.returncode, stdout, stderr)
     return Sample(
         wall=w.wall,
-        cpu=client_used if client else w.rusage.ru_utime + w.rusage.ru_stime + master_cpu,
+        cpu=cpu,
         ok=problem is None,
         note=problem or "",
         memory_mb=w.peak_sum / 2**20 if memory else float("nan"),
@@ -1813,9 +1823,9 @@ went wrong in the others.
 **nodes CPU s**: user+sys CPU seconds the nodes used meanwhile (median): every node's sshd
 and every process it starts (the connections' sshd processes, the shells, `tar`, a node's
 own `ssh` passing vtool's package on), counted in a control group of their own, read before
-the command and 50 ms after it ends (untimed). The nodes run on the client's 2 cores, so when a row keeps both cores
-busy its wall time follows the client's and the nodes' CPU together; the summary shows both
-for vtool and the fastest peer.
+the command and 50 ms after it ends (untimed). The nodes run on the client's 2 cores, so
+when a row keeps both cores busy its wall time follows the client's and the nodes' CPU
+together; the summary shows both for vtool and the fastest peer.
 
 **memory MB**: the client's peak memory: the summed PSS (proportional set size: a page shared
 by k processes counts 1/k in each) of the command's whole process tree and the connection
