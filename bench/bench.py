@@ -8,7 +8,9 @@ Launches nodes with vtool's local provider in a throwaway VTOOL_HOME, then measu
 same run and interleaved (the order of the tools rotates from one run to the next):
 
 - workload 1: ``run hostname`` on N nodes, cold (no shared SSH connection open) and warm (the
-  second command in a row), and the second command on the same client inside one process;
+  second command in a row), and the second command on the same client inside one process,
+  beside a reference row that is neither vtool nor a peer: the floor under ``vtool run``
+  (bench/floor.py: Python's start-up plus vtool's connections, none of vtool's own code);
 - workload 2: ``inject`` of a 20 MB incompressible package into 8 and 32 nodes, against
   uploading the same .tar.gz and unpacking it (parallel-ssh, Fabric, ansible ``unarchive``,
   ``xargs -P`` + ssh) and ``rsync -az`` of the folder per node (what SkyPilot does); every run
@@ -893,6 +895,10 @@ def xargs_kex_name() -> str:
 # -- workload 1: run hostname -------------------------------------------------------------
 
 
+# The reference row of workload 1 (bench/floor.py): neither vtool nor a peer.
+FLOOR = "floor: Python + vtool's connections (reference)"
+
+
 def run_tools(b: Bench, n: int) -> dict[str, Callable[[], Sample]]:
     """One small function per tool: run ``hostname`` on nodes 0..n-1 once."""
     aliases = [f"{CLUSTER}-{i}" for i in range(n)]
@@ -925,8 +931,13 @@ def run_tools(b: Bench, n: int) -> dict[str, Callable[[], Sample]]:
         argv += ["-o", f"KexAlgorithms={vtool_kex()}", "{}", "hostname"]
         return b.measure(argv, check_count(n), stdin_text=hosts)
 
+    def floor() -> Sample:
+        argv = [py, str(HERE / "floor.py"), "run", "hostname", "-c", CLUSTER, "--nodes", f"0-{n - 1}"]
+        return b.measure(argv, check_vtool_run(n))
+
     return {
         "vtool run": vtool,
+        FLOOR: floor,
         "parallel-ssh": pssh,
         "Fabric ThreadingGroup": fabric,
         "ansible -m command": ansible,
@@ -1641,7 +1652,7 @@ def summary(b: Bench) -> str:
         for (n, mode), tools in groups.items():
             med = {t: statistics.median(s.wall for s in ss if s.ok) for t, ss in tools.items() if any(s.ok for s in ss)}
             mine = [t for t in med if t.startswith("vtool")]
-            peers = {t: v for t, v in med.items() if not t.startswith("vtool")}
+            peers = {t: v for t, v in med.items() if not t.startswith("vtool") and t != FLOOR}
             if not mine or not peers:
                 continue
             best = min(peers, key=lambda t: peers[t])
@@ -1804,6 +1815,15 @@ forwarders fails.
 run fails if any node fails, or if the output mentions too many open files or a refused or
 reset connection.
 
+**The floor row** of workload 1 (`{floor}`, `bench/floor.py`) is neither vtool nor a
+peer, and no target: a Python process that opens the nodes' connections exactly as `vtool run`
+does while it starts (the same `ssh` masters, from the record vtool's warm-up run wrote),
+runs `hostname` on each node through its master (no `ssh` process per command) and prints
+`[INDEX] LINE`, and does nothing else (no Invoke, settings, plugins, state, retries, summary,
+or supervision of the remote command). Its time is what any Python client on vtool's
+connections pays; the rest of vtool's time is vtool's own code, and what separates the floor
+from `xargs -P + ssh ({kex})` is Python's start-up and the connection masters.
+
 **cold**: no shared SSH connection open (every ControlMaster socket of vtool and ansible is
 closed with `ssh -O exit` first, and so are the ones vtool's nodes keep to each other). **warm**: the same command again right after. The tools
 that keep no connection between commands reconnect every time, so their warm rows measure
@@ -1863,7 +1883,7 @@ def write_report(b: Bench, path: Path, command: str, started: str, seconds: floa
         *[f"| {k} | {v} |" for k, v in machine(b.measured)],
         f"| CPU time counted by | {cpu_counting(b)} |",
         "",
-        HOW.replace("{kex}", vtool_kex()),
+        HOW.replace("{kex}", vtool_kex()).replace("{floor}", FLOOR),
         "## vtool against the fastest peer",
         "",
         "Medians from the tables below; the target is vtool at most as slow as the fastest peer "
