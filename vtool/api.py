@@ -543,7 +543,7 @@ def _full_payload(release: Release, zstd: bool = False) -> _Payload:
             remote.install(release, made.name, size, compression="zst", kept=True),
         )
     path = Path(release.archive)
-    name = f"{release.dirname}.tar"
+    name = release.payload()
     inflate = "" if release.compression == "none" else release.compression
     size = package.plain_size(release)
     return _Payload(

@@ -72,6 +72,11 @@ class Release:
     def dirname(self) -> str:
         return f"{self.name}-{self.hash[:12]}"
 
+    def payload(self, zstd: bool = False) -> str:
+        """The name of the package as a node keeps it (``~/.vtool/packages``) and the client
+        its zstd copy: a plain tar, or that tar compressed with zstd."""
+        return f"{self.dirname}.tar.zst" if zstd else f"{self.dirname}.tar"
+
 
 @dataclass(frozen=True)
 class ClusterInfo:

@@ -269,7 +269,7 @@ def _plain_chunks(archive: Path, compression: str) -> Iterator[bytes]:
 
 def zstd_path(release: Release) -> Path:
     """Where the zstd copy of the release's archive is kept (see ``zstd_archive``)."""
-    return Path(release.archive).with_name(f"{release.dirname}.tar.zst")
+    return Path(release.archive).with_name(release.payload(zstd=True))
 
 
 def zstd_archive(release: Release) -> Path | None:

@@ -376,7 +376,7 @@ def prepare(
         parts.append(
             # "have kept": it also keeps the package, so it can pass it on (see FAN)
             f'if [ -d "{d}/releases/"{q(release.dirname)} ]; then k=; '
-            f'for f in "{d}/packages/"{q(release.dirname + ".tar")} "{d}/packages/"{q(release.dirname + ".tar.zst")}; '
+            f'for f in "{d}/packages/"{q(release.payload())} "{d}/packages/"{q(release.payload(zstd=True))}; '
             'do [ ! -f "$f" ] || k=" kept"; done; echo "have$k"; else '
             f'b=$(readlink "$HOME/"{q(release.name)} 2>/dev/null) || b=; b=${{b##*/}}; '
             f'case "$b" in {q(release.name)}-*) [ -d "{d}/releases/$b" ] || b=-;; *) b=-;; esac; '
