@@ -440,7 +440,7 @@ def install(
             f'[ -f "$pk/"{q(payload)} ] || {{ echo "the package is not on the node" >&2; exit 4; }}; '
             'tmp=$(mktemp -d "$d/.incoming.XXXXXX"); fi',
             # (FAN removes the folder it made, with what is left in it, as it ends)
-            "[ -n \"$x\" ] || trap 'rm -rf \"$tmp\"' EXIT",
+            '[ -n "$x" ] || trap \'rm -rf "$tmp"\' EXIT',
             # A copy that does not unpack because it is damaged is not kept: a later inject
             # or relay would reuse it (one that fails for another reason, a full disk, is).
             f'[ -n "$x" ] || tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner '
@@ -496,14 +496,16 @@ def _unpack_stream(inflate: str, compression: str, size: int) -> list[str]:
     def verdict(damaged: str) -> list[str]:
         return [
             'read z 2>/dev/null < "$tmp/.z" || z=9',
-            f'case $z in 0) ;; 1|2) echo {q(damaged)} >&2; exit 4;; '
+            f"case $z in 0) ;; 1|2) echo {q(damaged)} >&2; exit 4;; "
             '*) [ "$x" != 0 ] || { echo "decompressing the package failed (exit $z)" >&2; exit 4; };; esac',
         ]
 
     if inflate:  # (a stream cut short does not decompress either: it cannot be told from damage here)
         return [
             f'x=0; {{ {DECOMPRESS[inflate]}; echo $? > "$tmp/.z"; }} | tee "$tmp/.payload" | {untar} || x=$?',
-            *verdict("the package does not decompress (is its archive in vtool's package store damaged, or was the transfer cut short?)"),
+            *verdict(
+                "the package does not decompress (is its archive in vtool's package store damaged, or was the transfer cut short?)"
+            ),
             '[ "$x" = 0 ] || exit "$x"',
             incomplete,
         ]
