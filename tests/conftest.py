@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,13 @@ BIN = Path(sys.executable).parent
 
 if shutil.which("sshd") is None and not os.path.exists("/usr/sbin/sshd"):  # pragma: no cover
     pytest.exit("OpenSSH sshd is needed for the tests: run `bash .ci/run` (it installs it)", returncode=3)
+
+# Ctrl-C as a terminal delivers it: a shell without job control starts `cmd &` with SIGINT
+# ignored, every vtool the tests start would inherit that, and the tests of what Ctrl-C does
+# would see it do nothing (measured: 8 of them failed in a CI run started so). A handler
+# here is reset to the default in every program the tests start.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass
