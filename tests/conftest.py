@@ -22,12 +22,16 @@ BIN = Path(sys.executable).parent
 if shutil.which("sshd") is None and not os.path.exists("/usr/sbin/sshd"):  # pragma: no cover
     pytest.exit("OpenSSH sshd is needed for the tests: run `bash .ci/run` (it installs it)", returncode=3)
 
-# Ctrl-C as a terminal delivers it: a shell without job control starts `cmd &` with SIGINT
-# ignored, every vtool the tests start would inherit that, and the tests of what Ctrl-C does
-# would see it do nothing (measured: 8 of them failed in a CI run started so). A handler
-# here is reset to the default in every program the tests start.
+# Ctrl-C and a closed terminal as a terminal delivers them: a shell without job control
+# starts `cmd &` with SIGINT ignored, and nohup ignores SIGHUP. Every vtool the tests start
+# would inherit that (vtool leaves an ignored SIGHUP alone, as nohup's user wants), and the
+# tests of what Ctrl-C and SIGHUP do would see them do nothing (measured: 9 failed in a CI
+# run started with `nohup ... &`). A handler here is reset to the default in every program
+# the tests start.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @dataclass
