@@ -477,7 +477,7 @@ def install(
         # When it was unpacked (see base above), set 2 s back: a file changed right after it,
         # within the same tick of the file system's clock (a few ms on ext4), has the stamp's
         # very time and would not be newer. (Without GNU touch's -d, the stamp says now.)
-        f'u="$d/."{q(release.dirname)}".unpacked"; : > "$u"; touch -d "2 seconds ago" "$u" 2>/dev/null || :',
+        f'u="$d/."{q(release.dirname)}".unpacked"; touch -d "2 seconds ago" "$u" 2>/dev/null || : > "$u"',
         "true" if kept else f'mv -f "$tmp/.payload" "$pk/"{q(payload)}',
         # Keep only this release's payloads (a node passes on what it has just received).
         f'for f in "$pk"/*; do [ -e "$f" ] || [ -L "$f" ] || continue; case "${{f##*/}}" in {q(release.dirname)}*) ;; *) rm -f -- "$f";; esac; done',
