@@ -65,8 +65,13 @@ def test_the_group_counts_its_processes_and_not_this_one(group: Any) -> None:
 def test_a_process_that_outlives_its_parent_is_counted(group: Any, tmp_path: Any) -> None:
     """As a ControlPersist master: started by the command, running after it has exited."""
     done = tmp_path / "done"
-    script = f"import os\nif os.fork() == 0:\n    {BURN.format(s=0.3).strip().replace(chr(10), chr(10) + '    ')}\n"
-    script += f"    open({str(done)!r}, 'w').close()\n    os._exit(0)\n"
+    script = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    while time.process_time() < 0.3: pass\n"
+        f"    open({str(done)!r}, 'w').close()\n"
+        "    os._exit(0)\n"
+    )
     before = group.seconds()
     self_before = resource.getrusage(resource.RUSAGE_SELF)
     with group.inside():
