@@ -22,7 +22,7 @@ import sys
 
 from vtool import early  # first: the connections open while the rest is imported
 
-opened = early.start(sys.argv[1:])
+early.start(sys.argv[1:])  # (opens what it can; main reads the record it accepted)
 
 import subprocess  # noqa: E402
 import threading  # noqa: E402
