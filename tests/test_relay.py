@@ -329,6 +329,68 @@ def test_with_zstd_the_package_travels_and_stays_zstd_compressed(venv: Env) -> N
             old.unlink()
 
 
+@pytest.mark.parametrize(
+    "case", ["zstd missing", "checker killed", "zst damaged", "tar damaged", "zst fine", "tar fine"]
+)
+def test_a_kept_copy_is_deleted_only_when_its_check_says_damaged(tmp_path: Path, case: str) -> None:
+    """A node unpacks the copy of the package it keeps (``install`` with ``kept``). When that
+    fails, the copy's own check decides: the checker's "no" (exit 1 or 2) deletes it and says
+    it is damaged; a checker that is missing (a node whose zstd went away: exit 127) or was
+    killed (137) could not judge it, so the copy stays for a later inject and nothing says
+    "damaged". A copy that unpacks is kept and unpacked, with or without the checker's help."""
+    import subprocess
+
+    from vtool.models import Release
+
+    compression = "zst" if case.startswith("zst") else "none"
+    release = Release("proj", "0123456789ab", "gz", str(tmp_path / "proj.tar.gz"))
+    payload = release.payload(zstd=compression == "zst")
+    src = tmp_path / "src"
+    (src / "proj").mkdir(parents=True)
+    (src / "proj" / "run.sh").write_text("#!/bin/sh\ntrue\n")
+    home = tmp_path / "home"
+    packages = home / ".vtool" / "packages"
+    packages.mkdir(parents=True)
+    kept = packages / payload
+    with tarfile.open(tmp_path / "p.tar", "w") as tar:
+        tar.add(src / "proj", arcname="proj")
+    if compression == "zst":
+        assert shutil.which("zstd"), "zstd is missing (scripts/bootstrap.sh installs it)"
+        subprocess.run(["zstd", "-q", "-o", str(kept), str(tmp_path / "p.tar")], check=True)
+    else:
+        shutil.copy(tmp_path / "p.tar", kept)
+    data = bytearray(kept.read_bytes())
+    if case.endswith("damaged"):  # (a tar's first header, or zstd's checksum at the end)
+        data[100 if compression == "none" else -4] ^= 0xFF
+        kept.write_bytes(bytes(data))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ["mkdir", "mktemp", "rm", "mv", "touch", "cat", "sh", *(["zstd"] if case != "zstd missing" else [])]:
+        found = shutil.which(tool)
+        assert found, tool
+        os.symlink(found, bindir / tool)
+    real_tar = shutil.which("tar")
+    assert real_tar
+    if case == "checker killed":  # the unpack fails (as on a full disk); the check is killed
+        (bindir / "tar").write_text(f'#!/bin/sh\ncase "$1" in -t*) kill -9 $$;; -x) exit 2;; esac\nexec {real_tar} "$@"\n')
+        (bindir / "tar").chmod(0o755)
+    else:
+        os.symlink(real_tar, bindir / "tar")
+    script = remote.install(release, payload, len(data), compression=compression, kept=True)
+    r = subprocess.run(["/bin/sh", "-c", script], env={"HOME": str(home), "PATH": str(bindir)},
+                       capture_output=True, text=True, timeout=60, check=False)
+    unpacked = home / ".vtool" / "releases" / release.dirname / "run.sh"
+    if case.endswith("fine"):
+        assert r.returncode == 0 and unpacked.exists() and kept.exists(), (case, r)
+        return
+    assert r.returncode != 0 and not unpacked.exists(), (case, r)
+    damaged = case.endswith("damaged")
+    assert ("damaged" in r.stderr) == damaged, (case, r.stderr)
+    assert kept.exists() != damaged, (case, r.stderr)
+    if not damaged:
+        assert kept.read_bytes() == bytes(data), case
+
+
 @pytest.mark.parametrize("damage", ["middle", "checksum"])
 @pytest.mark.parametrize("zstd", ["true", "false"])
 @pytest.mark.parametrize("nodes", ["1-2", "1-5"])

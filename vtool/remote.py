@@ -442,10 +442,12 @@ def install(
             # (FAN removes the folder it made, with what is left in it, as it ends)
             '[ -n "$x" ] || trap \'rm -rf "$tmp"\' EXIT',
             # A copy that does not unpack because it is damaged is not kept: a later inject
-            # or relay would reuse it (one that fails for another reason, a full disk, is).
+            # or relay would reuse it. One that fails for another reason (a full disk) is, and
+            # so is one the check could not judge: only the checker's own "no" (exit 1 or 2)
+            # says damaged, not a checker that is missing (127) or was killed (128 + signal).
             f'[ -n "$x" ] || tar -x {flag} -f "$pk/"{q(payload)} -C "$tmp" --no-same-owner '
-            f'|| {{ x=$?; if ! {_TEST[compression or release.compression]} "$pk/"{q(payload)} >/dev/null 2>&1; then '
-            f'rm -f -- "$pk/"{q(payload)}; echo {q(DAMAGED)} >&2; fi; exit $x; }}',
+            f'|| {{ x=$?; t=0; {_TEST[compression or release.compression]} "$pk/"{q(payload)} >/dev/null 2>&1 || t=$?; '
+            f'case $t in 1|2) rm -f -- "$pk/"{q(payload)}; echo {q(DAMAGED)} >&2;; esac; exit $x; }}',
         ]
     else:
         parts += [
