@@ -12,7 +12,7 @@ from conftest import REPO
 PKG = REPO / "vtool"
 # Lowest first; a module may import only from its own layer or below (errors/models at the bottom).
 LAYERS = [
-    {"errors", "models", "early", "mux"},
+    {"errors", "models", "early", "mux", "keeper"},
     {"hookspecs", "config"},
     {"state", "ssh", "package", "fetch", "remote"},
     {"providers", "plugins"},

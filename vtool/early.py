@@ -34,6 +34,7 @@ import binascii
 import json
 import os
 import re
+import sys
 
 # Only type checkers import typing here and in vtool.main and vtool's __init__, which run
 # before start: importing it (~4 ms) would delay the connections as much.
@@ -49,6 +50,12 @@ RECORD_NODES = 128  # a record names at most this many nodes (the first ones by 
 # an early connection started an ssh mux client; since commands go to the master directly
 # (vtool.mux), opening all 32 early takes 0.62 s instead of 0.67 s.
 EARLY_MAX = 64
+# The verbs whose connections vtool.keeper opens (commands only: it carries no bulk data).
+KEEPER_VERBS = frozenset({"run", "logs"})
+KEEPER_SUFFIX = ".k"  # (vtool.keeper.keeper_path; not imported here, as nothing else is)
+_KEEPER_MAIN = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from vtool.keeper import main; sys.exit(main(sys.argv[2:]))"
+)
 _VALUE_FLAGS = {"-c": "cluster", "--cluster": "cluster", "-p": "profile", "--profile": "profile"}
 _NODE_FLAGS = ("-n", "--nodes", "--node")
 _OTHER_VALUE_FLAGS = ("-l", "--lines")  # (logs) flags whose value is not a positional argument
@@ -205,23 +212,52 @@ def _start(args: list[str]) -> int:
     wanted = _wanted(spec, sorted(nodes))
     if not wanted:
         return 0
+    keeper = args[0] in KEEPER_VERBS and _keeper_usable()
     closed = [
-        (nodes[i]["socket"], nodes[i]["argv"])
+        (i, nodes[i]["socket"], nodes[i]["argv"])
         for i in wanted[: min(int(record["concurrency"]), EARLY_MAX)]
-        if not os.path.exists(nodes[i]["socket"]) and nodes[i]["socket"] not in _started
+        if not os.path.exists(nodes[i]["socket"])
+        and nodes[i]["socket"] not in _started
+        and not (keeper and os.path.exists(nodes[i]["socket"] + KEEPER_SUFFIX))
     ]
     if not closed:  # (every connection is open: the usual case of a command right after another)
         return 0
     env = proxy_env(record.get("connector"))
     actions = Opener.spawn_actions()
     atexit.register(_stop_unfinished)
-    for sock, argv in closed:
+    kept = [(i, sock) for i, sock, argv in closed if keeper and _keeper_serves(argv)]
+    if kept:  # one process for these (vtool.keeper), instead of an ssh per node
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        argv = [sys.executable, "-I", "-c", _KEEPER_MAIN, here, _record_path(_key_now), *(str(i) for i, _ in kept)]
+        proc = Opener(argv, env, actions)
+        for _, sock in kept:
+            _started[sock + KEEPER_SUFFIX] = proc
+            _opened.append(sock + KEEPER_SUFFIX)
+    served = {i for i, _ in kept}
+    for _, sock, argv in [c for c in closed if c[0] not in served]:
         node_env = env
         if any(a.startswith("ProxyCommand=") and "/vtool-connect-" in a for a in argv) and _listen(sock):
             node_env = {**env, "VTOOL_CONNECT_SHARE": _share_path, "VTOOL_CONNECT_AS": sock}
         _started[sock] = Opener(argv, node_env, actions)
         _opened.append(sock)
     return len(closed)
+
+
+def _keeper_serves(argv: list[str]) -> bool:
+    """Whether vtool.keeper opens this node's connection (its ``target`` decides; this is the
+    cheap part of it): no jump host, no ProxyCommand but vtool-connect, a pinned host key."""
+    for a in argv:
+        if a.startswith("ProxyJump=") or (a.startswith("ProxyCommand=") and "/vtool-connect-" not in a):
+            return False
+    return "StrictHostKeyChecking=yes" in argv
+
+
+def _keeper_usable() -> bool:
+    """Whether vtool.keeper can run here: ssh2-python installed, and not turned off
+    (VTOOL_KEEPER=0)."""
+    if os.environ.get("VTOOL_KEEPER", "1").lower() in ("0", "no", "false", "off"):
+        return False
+    return any(os.path.isdir(os.path.join(p or ".", "ssh2")) for p in sys.path)
 
 
 def proxy_env(connector: str | None) -> dict[str, str]:
@@ -400,8 +436,12 @@ class Opener:
 
     def __init__(self, argv: list[str], env: dict[str, str], actions: list[tuple[Any, ...]]) -> None:
         """``actions``: ``spawn_actions()``."""
+        import _thread
+
         self.args = argv
         self.returncode: int | None = None
+        # (one process may open several connections, vtool.keeper's: their waits share it)
+        self._lock = _thread.allocate_lock()
         self.pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True)
 
     @staticmethod
@@ -429,11 +469,12 @@ class Opener:
         return actions
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
+        with self._lock:
+            if self.returncode is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if timeout is not None:  # (only without pidfds: see wait_exit)
@@ -446,9 +487,10 @@ class Opener:
 
                     raise subprocess.TimeoutExpired(self.args, timeout)
                 time.sleep(0.005)
-        if self.returncode is None:
-            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-        return self.returncode
+        with self._lock:
+            if self.returncode is None:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            return self.returncode
 
     def kill(self) -> None:
         if self.returncode is None:

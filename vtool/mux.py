@@ -38,7 +38,12 @@ LOST = 255  # ssh's exit code when the master went away before the command's exi
 
 
 class Unavailable(Exception):
-    """No session was opened (the master is gone or refused): run ``ssh`` instead."""
+    """No session was opened (the master is gone or refused): run ``ssh`` instead.
+    ``stale``: nothing listens at the socket (what a master that was killed leaves)."""
+
+    def __init__(self, message: str, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
 
 
 class Uncertain(Exception):
@@ -124,7 +129,8 @@ class MuxProcess:
                 if not _hello(sock):
                     raise Unavailable("the master speaks another protocol")
             except (OSError, EOFError) as e:
-                raise Unavailable(f"no usable master at {self.control_path}: {e}") from None
+                stale = isinstance(e, ConnectionRefusedError)
+                raise Unavailable(f"no usable master at {self.control_path}: {e}", stale) from None
             fds = [self._end(stdin, True, theirs, mine), self._end(stdout, False, theirs, mine)]
             fds.append(self._end(stderr, False, theirs, mine))
             request = struct.pack(">II", NEW_SESSION, 0) + _string(b"")

@@ -8,6 +8,7 @@ a cheap key exchange (``ssh.kex``) is a setting, ``connect`` needs a real TTY, a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -22,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from . import early, mux
 from .errors import ConfigError, HostKeyMismatch, NodeError, NodeUnreachable, VtoolError
+from .keeper import keeper_path
 from .models import CommandResult, SshTarget
 from .state import ensure_private_dir, sha256_hex
 
@@ -383,9 +385,20 @@ class SshClient:
         return keys
 
     def close(self) -> None:
-        """Close the shared connection, if one is open."""
+        """Close the shared connections, if open (vtool.keeper's and the OpenSSH master)."""
         if self.control_dir is None:
             return
+        assert self.control_path is not None
+        if os.path.exists(keeper_path(self.control_path)):
+            subprocess.run(
+                [self.program, "-F", "/dev/null", "-o", f"ControlPath={keeper_path(self.control_path)}"]
+                + ["-O", "exit", "--", self.target.host],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=10,
+                check=False,
+            )
         subprocess.run(
             [self.program, "-F", "/dev/null", *self.options, "-O", "exit", "--", self.target.host],
             stdin=subprocess.DEVNULL,
@@ -451,7 +464,7 @@ class SshClient:
         # where it has one (remote.supervised), waits for its end.
         piped = input is not None or supervision is not None
         stdin = input if pass_file else (subprocess.PIPE if piped else subprocess.DEVNULL)
-        proc, log = self._start(command, stdin, timeout)
+        proc, log = self._start(command, stdin, timeout, light=not pass_file)
         watch = _Watch(self, supervision) if supervision is not None else None
         finished = False
         try:
@@ -467,7 +480,14 @@ class SshClient:
         return result, messages
 
     def _start(
-        self, command: str, stdin: Any, timeout: float | None = None, *, quiet: bool = False, track: bool = True
+        self,
+        command: str,
+        stdin: Any,
+        timeout: float | None = None,
+        *,
+        quiet: bool = False,
+        track: bool = True,
+        light: bool = True,
     ) -> tuple[Process, str | None]:
         """Start ``command`` with its stdout and stderr as pipes (``quiet``: to /dev/null):
         in a session of this node's open shared connection when there is one (vtool.mux: no
@@ -475,37 +495,21 @@ class SshClient:
         messages to (None for a session: its failures are the process's ``lost``).
         ``timeout``: the command's, which also bounds the wait for a session to open.
         ``track=False``: Ctrl-C neither refuses nor stops it (what vtool runs to stop a
-        command on the node, see ``_Watch``)."""
+        command on the node, see ``_Watch``). ``light=False``: it carries data (a file on
+        stdin, a stream), so not through vtool.keeper, which is slower at that."""
         outputs = subprocess.DEVNULL if quiet else subprocess.PIPE
-        keep = _track if track else (lambda proc: proc)
-        drop = _untrack if track else (lambda proc: None)
         if self.direct:
             assert self.control_path is not None
-            early.wait(self.control_path, self.connect_timeout + 5)  # (vtool.early)
-            session = keep(mux.MuxProcess(self.control_path))  # Ctrl-C stops it while it opens
-            try:
-                if track:
-                    _check_stopping()
-                session.open(
-                    command,
-                    stdin=stdin,
-                    stdout=outputs,
-                    stderr=outputs,
-                    open_timeout=min(self.connect_timeout + 5, timeout or float("inf")),
-                )
-                return session, None
-            except mux.Uncertain as e:
-                drop(session)
-                if track:
-                    _check_stopping()
-                raise NodeError(str(e)) from None
-            except mux.Unavailable:
-                drop(session)  # no usable master: ssh opens one
-                if track:
-                    _check_stopping()
-            except BaseException:
-                drop(session)
-                raise
+            # A command (not a file on its stdin, not a stream) goes to vtool.keeper's
+            # connection when there is one, else to the OpenSSH master.
+            paths = [keeper_path(self.control_path)] if light else []
+            for path in [*paths, self.control_path]:
+                early.wait(path, self.connect_timeout + 5)  # (vtool.early)
+                if path != self.control_path and not os.path.exists(path):
+                    continue
+                session = self._session(path, command, stdin, outputs, timeout, track)
+                if session is not None:
+                    return session, None
         log = self._log_file()
         try:
             proc = subprocess.Popen(
@@ -519,7 +523,43 @@ class SshClient:
         except BaseException:
             Path(log).unlink(missing_ok=True)
             raise
-        return keep(proc), log
+        return (_track(proc) if track else proc), log
+
+    def _session(
+        self, path: str, command: str, stdin: Any, outputs: Any, timeout: float | None, track: bool
+    ) -> mux.MuxProcess | None:
+        """``command`` in a session of the connection served at ``path`` (vtool.mux); None
+        when there is no usable one there (nothing was started)."""
+        keep = _track if track else (lambda proc: proc)
+        drop = _untrack if track else (lambda proc: None)
+        session = keep(mux.MuxProcess(path))  # Ctrl-C stops it while it opens
+        try:
+            if track:
+                _check_stopping()
+            session.open(
+                command,
+                stdin=stdin,
+                stdout=outputs,
+                stderr=outputs,
+                open_timeout=min(self.connect_timeout + 5, timeout or float("inf")),
+            )
+            return session
+        except mux.Uncertain as e:
+            drop(session)
+            if track:
+                _check_stopping()
+            raise NodeError(str(e)) from None
+        except mux.Unavailable as e:
+            drop(session)  # no usable master: ssh opens one
+            if e.stale and path != self.control_path:
+                with contextlib.suppress(OSError):  # (what a keeper that was killed left)
+                    os.unlink(path)
+            if track:
+                _check_stopping()
+            return None
+        except BaseException:
+            drop(session)
+            raise
 
     def _log_file(self) -> str:
         import tempfile
@@ -564,7 +604,7 @@ class SshClient:
     def popen_stdout(self, command: str) -> Stream:
         """Start ``command`` and give its stdout as a pipe (for streams such as a tar archive).
         Its stderr is drained at the same time, so a chatty command cannot stall the stream."""
-        proc, log = self._start(command, subprocess.DEVNULL)
+        proc, log = self._start(command, subprocess.DEVNULL, light=False)
         stream = Stream(proc, log)
         stream.widened = _widen(proc.stdout)
         return stream
