@@ -229,11 +229,16 @@ class CpuGroup:
 
 
 def adopted_masters() -> dict[int, float]:
-    """OpenSSH processes that our children left behind: {pid: cpu seconds so far}."""
+    """The connection masters that our children left behind: OpenSSH's, and vtool's keeper
+    (one Python process for all of a run's connections): {pid: cpu seconds so far}."""
     out = {}
     for pid in _children(os.getpid()):
         st = _stat(pid)
-        if st and st[0] == "ssh" and st[1] != "Z":
+        if (
+            st
+            and st[1] != "Z"
+            and (st[0] == "ssh" or (st[0].startswith("python") and b"vtool.keeper" in _cmdline(pid)))
+        ):
             out[pid] = st[2]
     return out
 
@@ -1748,7 +1753,7 @@ include starting Python and importing the library, as vtool's CLI rows do.
 
 | tool | how | host keys | key exchange | parallelism |
 |---|---|---|---|---|
-| vtool | `vtool run hostname --nodes 0-N-1`, `vtool scpgetall` | pinned, strict (the cluster's known_hosts) | {kex} (the first of vtool's default `ssh.kex`: OpenSSL's code, cheaper here than OpenSSH's own curve25519) | `concurrency` default 64; shared connections (ControlMaster, ControlPersist 300 s), opened while vtool starts; commands go to the open master directly, with no ssh process per command (`vtool/mux.py`) |
+| vtool | `vtool run hostname --nodes 0-N-1`, `vtool scpgetall` | pinned, strict (the cluster's known_hosts) | {kex} (the first of vtool's default `ssh.kex`: OpenSSL's code, cheaper here than OpenSSH's own curve25519) | `concurrency` default 64; shared connections, opened while vtool starts: `run`'s by one process for all nodes (libssh2, `vtool/keeper.py`), packages' and files' by OpenSSH masters (ControlMaster); both stay open 300 s, and commands go to them directly, with no ssh process per command (`vtool/mux.py`) |
 | parallel-ssh | `ParallelSSHClient(...).run_command`, `copy_remote_file` (SFTP) | **not verified before connecting**: parallel-ssh has no known_hosts option; the bench compares each server's key with the pinned one afterwards and fails the node on a mismatch | libssh2's default | `pool_size=N` |
 | Fabric | `ThreadingGroup.from_connections(...)`, `.run`, `.get` (SFTP) | strict: `RejectPolicy` and a known_hosts file translated to `[127.0.0.1]:PORT` names | paramiko's default | one thread per node |
 | ansible-core | `ansible all -i INVENTORY -m command -a hostname -f N`, `-m fetch` | strict: the cluster's known_hosts with `HostKeyAlias` per host | OpenSSH's default (sntrup761x25519) | `-f N`; pipelining on, interpreter given (both favour ansible); ControlPersist 60 s (its default) |
@@ -1817,15 +1822,15 @@ reset connection.
 
 **The floor row** of workload 1 (`{floor}`, `bench/floor.py`) is neither vtool nor a
 peer, and no target: a Python process that opens the nodes' connections exactly as `vtool run`
-does while it starts (the same `ssh` masters, from the record vtool's warm-up run wrote),
-runs `hostname` on each node through its master (no `ssh` process per command) and prints
+does while it starts (the same keeper process, from the record vtool's warm-up run wrote),
+runs `hostname` on each node through it (no `ssh` process per command) and prints
 `[INDEX] LINE`, and does nothing else (no Invoke, settings, plugins, state, retries, summary,
 or supervision of the remote command). Its time is what any Python client on vtool's
 connections pays; the rest of vtool's time is vtool's own code, and what separates the floor
-from `xargs -P + ssh ({kex})` is Python's start-up and the connection masters.
+from `xargs -P + ssh ({kex})` is Python's start-up and the connections.
 
-**cold**: no shared SSH connection open (every ControlMaster socket of vtool and ansible is
-closed with `ssh -O exit` first, and so are the ones vtool's nodes keep to each other). **warm**: the same command again right after. The tools
+**cold**: no shared SSH connection open (every ControlMaster socket of vtool and ansible, and
+vtool's keeper, is closed with `ssh -O exit` first, and so are the ones vtool's nodes keep to each other). **warm**: the same command again right after. The tools
 that keep no connection between commands reconnect every time, so their warm rows measure
 the same work again. **warm, same client in one process**: a Python script runs the command
 twice on one client object and reports the wall time of the second; start-up and the first

@@ -4,8 +4,8 @@ vtool's connections can skip, for the bench's reference row.
     python bench/floor.py run COMMAND -c CLUSTER [--nodes SPEC]
 
 It opens the nodes' connections exactly as ``vtool run`` does while it starts (vtool.early:
-the same ``ssh`` masters, from the record an earlier ``vtool run`` in the same folder and
-environment wrote), runs COMMAND on each node through its master (vtool.mux: no ``ssh``
+the same keeper, vtool.keeper, or ``ssh`` masters, from the record an earlier ``vtool run``
+in the same folder and environment wrote), runs COMMAND on each node through them (vtool.mux: no ``ssh``
 process per command) and prints every line of output as ``[INDEX] LINE``. Nothing else: no
 Invoke, no settings, no plugins, no state, no retries, no summary, no supervision of the
 remote command. So its time is Python's start-up plus vtool's connections; the rest of
@@ -24,6 +24,7 @@ from vtool import early  # first: the connections open while the rest is importe
 
 early.start(sys.argv[1:])  # (opens what it can; main reads the record it accepted)
 
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 
@@ -49,7 +50,11 @@ def main() -> int:
     def one(i: int) -> None:
         sock = nodes[i]["socket"]
         try:
-            early.wait(sock, 30)
+            for path in (sock + early.KEEPER_SUFFIX, sock):  # vtool.keeper's, else the ssh master
+                early.wait(path, 30)
+                if os.path.exists(path):
+                    sock = path
+                    break
             proc = mux.MuxProcess(sock)
             proc.open(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             assert proc.stdout is not None

@@ -238,6 +238,18 @@ def close_shared_connections() -> None:
         s.client(node).close()
 
 
+def started_run(env: Env, command: str, nodes: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``vtool run COMMAND`` in the background, once each of ``nodes`` nodes printed its first
+    line (COMMAND starts with ``echo started``)."""
+    proc = subprocess.Popen([sys.executable, "-m", "vtool", "run", command], cwd=env.work,
+                            env={**env.env, **(extra_env or {})}, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    for _ in range(nodes):
+        assert "started" in proc.stdout.readline()
+    return proc
+
+
 def make_package(base: Path, name: str, script: str, files: dict[str, str] | None = None, mode: int = 0o755) -> Path:
     """A package folder ``base/name`` with ``vtool-launch`` = ``script``."""
     d = base / name

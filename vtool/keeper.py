@@ -228,6 +228,9 @@ class Channel:
         self.stdin_file = False  # a file (epoll cannot watch it): read as the channel takes it
         self.eof_sent = False
         self.out_open = [True, True]
+        self.closing = False  # its session is being closed (Link.end)
+        self.killed = False  # its client went away first
+        self.close_by = 0.0
 
 
 # -- one node ------------------------------------------------------------------------------
@@ -341,7 +344,9 @@ class Link(threading.Thread):
             watched = {k.fileobj for k in sel.get_map().values()}
             want = {self.listener, *(c.sock for c in self.clients)}
             want |= {
-                ch.stdin for ch in self.channels if ch.stdin_open and not ch.stdin_file and len(ch.pending) < CHUNK
+                ch.stdin
+                for ch in self.channels
+                if ch.stdin_open and not ch.closing and not ch.stdin_file and len(ch.pending) < CHUNK
             }
             if self.sock is not None and self.channels:
                 want.add(self.sock)
@@ -491,7 +496,7 @@ class Link(threading.Thread):
 
     def take_stdin(self, fd: int) -> None:
         for ch in self.channels:
-            if ch.stdin == fd:
+            if ch.stdin == fd and not ch.closing:
                 self._read_stdin(ch)
 
     def _read_stdin(self, ch: Channel) -> None:
@@ -513,6 +518,11 @@ class Link(threading.Thread):
 
         moved = False
         for ch in list(self.channels):
+            if ch.closing:
+                self._finish_close(ch)
+                if self.closed:
+                    return False
+                continue
             try:
                 drained = True
                 for i, (read, fd) in enumerate(((ch.ch.read, ch.stdout), (ch.ch.read_stderr, ch.stderr))):
@@ -544,26 +554,55 @@ class Link(threading.Thread):
                         ch.eof_sent = True
                 if drained and ch.ch.eof():
                     self.end(ch)
-            except Exception:
-                if not self._alive():
-                    self.lost()
-                    return False
-                self.end(ch, killed=True)
+            except Exception:  # libssh2 failed on the connection itself (a node that died)
+                self.lost()
+                return False
         return moved
 
     def end(self, ch: Channel, killed: bool = False) -> None:
-        """The command ended (its exit status to the client) or its client went away (the
-        command's session is closed: it sees the end of its stdin, as with ssh)."""
-        if ch not in self.channels:
+        """The command ended (its exit status goes to the client once the node has closed the
+        session), or its client went away (killed): the session is closed at once (the
+        command sees the end of its stdin, as when ssh goes away) and the client dropped.
+        Closing waits for the node's answer without holding up the others (``closing``)."""
+        if ch not in self.channels or ch.closing:
+            return
+        ch.closing, ch.killed = True, killed
+        ch.close_by = time.monotonic() + self.spec["connect_timeout"] + 5
+        if killed:
+            try:
+                ch.ch.send_eof()
+            except Exception:
+                pass
+            self._close_fds(ch)
+            self.drop(ch.client)
+        self._finish_close(ch)
+
+    def _finish_close(self, ch: Channel) -> None:
+        """Go on closing ``ch``: once the node has closed it too, the exit status (if the
+        command had one) goes to its client."""
+        from ssh2.error_codes import LIBSSH2_ERROR_EAGAIN
+
+        try:
+            rc = ch.ch.close()
+        except Exception:
+            rc = -1
+        if rc == LIBSSH2_ERROR_EAGAIN:
+            if time.monotonic() < ch.close_by:
+                return
+            if ch.killed:  # (a command that ignores the end of its stdin: left to its node)
+                self.channels.remove(ch)
+                return
+            rc = -1
+        if rc != 0:  # no answer from the node: the connection is gone
+            self.lost()
             return
         self.channels.remove(ch)
+        if ch.killed:
+            return
         status: int | None = None
         try:
-            if killed:
-                ch.ch.send_eof()
-            self._again(ch.ch.close)
             signal = ch.ch.get_exit_signal()
-            if not killed and not (len(signal) > 1 and signal[1]):
+            if not (len(signal) > 1 and signal[1]):
                 status = ch.ch.get_exit_status()
         except Exception:
             pass
