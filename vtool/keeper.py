@@ -451,6 +451,9 @@ class Link(threading.Thread):
                 self.failed = "not connected"
             self.refuse(c, request, f"vtool's keeper has no connection to the node: {self.failed}")
             return
+        from ssh2.error_codes import LIBSSH2_ERROR_CHANNEL_REQUEST_DENIED
+
+        sent = False  # the command went out: from then on, no answer is no "no" (vtool.mux)
         try:
             if hasattr(socket, "TCP_QUICKACK"):  # (see vtool.early: the first command is then prompt)
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
@@ -461,16 +464,22 @@ class Link(threading.Thread):
                 name, eq, value = var.partition("=")
                 if eq:
                     self._again(channel.setenv, name, value)
+            sent = True
             if request.subsystem:
                 rc = self._again(channel.subsystem, request.command)
             else:
                 rc = self._again(channel.execute, request.command)
+            if rc == LIBSSH2_ERROR_CHANNEL_REQUEST_DENIED:
+                sent = False  # (the node said no: nothing runs)
             if rc != 0:
                 raise ConnectionError(f"the node refused the command ({rc})")
         except Exception as e:
-            # Nothing ran (libssh2 reports a refused request) or the connection is gone: the
-            # client may start ssh.
-            self.refuse(c, request, f"vtool's keeper could not open a session: {e}")
+            if sent:  # it may run: the client hears nothing, and reports it (never a second start)
+                for fd in request.fds:
+                    os.close(fd)
+                self.drop(c)
+            else:  # nothing runs: the client may start ssh
+                self.refuse(c, request, f"vtool's keeper could not open a session: {e}")
             if self.session is not None and not self._alive():
                 self.lost()
             return
@@ -513,17 +522,34 @@ class Link(threading.Thread):
 
     def service(self) -> bool:
         """Move what can move for every command; True when something moved (then more may
-        move at once: the loop looks again without waiting)."""
+        move at once: the loop looks again without waiting). Input goes first: libssh2 reads
+        what the node sent while it writes, and the reads after it take that too."""
         from ssh2.error_codes import LIBSSH2_ERROR_EAGAIN
 
         moved = False
-        for ch in list(self.channels):
-            if ch.closing:
-                self._finish_close(ch)
-                if self.closed:
-                    return False
-                continue
-            try:
+        try:
+            for ch in list(self.channels):
+                if ch.closing:
+                    continue
+                if ch.stdin_file and ch.stdin_open and len(ch.pending) < CHUNK:
+                    self._read_stdin(ch)
+                if ch.pending:
+                    # (with EAGAIN, part of it may have gone: ``wrote`` says how much)
+                    n, wrote = ch.ch.write(ch.pending[:CHUNK])
+                    if n < 0 and n != LIBSSH2_ERROR_EAGAIN:
+                        raise ConnectionError(f"writing failed ({n})")
+                    if wrote > 0:
+                        ch.pending = ch.pending[wrote:]
+                        moved = True
+                if not ch.pending and not ch.stdin_open and not ch.eof_sent:
+                    if ch.ch.send_eof() != LIBSSH2_ERROR_EAGAIN:
+                        ch.eof_sent = True
+            for ch in list(self.channels):
+                if ch.closing:
+                    self._finish_close(ch)
+                    if self.closed:
+                        return False
+                    continue
                 drained = True
                 for i, (read, fd) in enumerate(((ch.ch.read, ch.stdout), (ch.ch.read_stderr, ch.stderr))):
                     for _ in range(64):
@@ -540,23 +566,11 @@ class Link(threading.Thread):
                                 ch.out_open[i] = False
                     else:
                         drained = False
-                if ch.stdin_file and ch.stdin_open and len(ch.pending) < CHUNK:
-                    self._read_stdin(ch)
-                if ch.pending:
-                    n, wrote = ch.ch.write(ch.pending[:CHUNK])
-                    if n != LIBSSH2_ERROR_EAGAIN and n < 0:
-                        raise ConnectionError(f"writing failed ({n})")
-                    if n > 0 and wrote > 0:
-                        ch.pending = ch.pending[wrote:]
-                        moved = True
-                if not ch.pending and not ch.stdin_open and not ch.eof_sent:
-                    if ch.ch.send_eof() != LIBSSH2_ERROR_EAGAIN:
-                        ch.eof_sent = True
                 if drained and ch.ch.eof():
                     self.end(ch)
-            except Exception:  # libssh2 failed on the connection itself (a node that died)
-                self.lost()
-                return False
+        except Exception:  # libssh2 failed on the connection itself (a node that died)
+            self.lost()
+            return False
         return moved
 
     def end(self, ch: Channel, killed: bool = False) -> None:
