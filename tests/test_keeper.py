@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,7 @@ def test_a_host_key_that_is_not_pinned_gets_no_command(venv: Env) -> None:
         capture_output=True,
         text=True,
         timeout=30,
+        preexec_fn=lambda: os.umask(0),  # (its sockets are private all the same)
     )
     assert keeper.returncode == 0, keeper.stderr  # (a node it cannot open loses its socket at once)
     r = venv.cli("run", "touch ran; echo ok-$VTOOL_NODE_INDEX")
@@ -174,7 +176,7 @@ def test_a_host_key_that_is_not_pinned_gets_no_command(venv: Env) -> None:
     assert kh.read_text() == "\n".join(tampered) + "\n"
     socks = _sockets(venv)
     assert len(socks) == 1 and socks[0].endswith(".k"), socks  # node 2's, through the keeper
-    assert (control_dir_path(venv.vhome) / socks[0]).exists()
+    assert stat.S_IMODE((control_dir_path(venv.vhome) / socks[0]).stat().st_mode) & 0o077 == 0  # (only you)
 
 
 def _sleepers(env: Env, marker: str, n: int) -> list[int]:
@@ -201,6 +203,25 @@ def test_ctrl_c_and_a_timeout_stop_the_command_on_the_nodes(venv: Env, how: str)
     assert proc.returncode == 130
     wait_for(lambda: not _sleepers(venv, "sleep 83", 3))
     assert venv.cli("run", "true").returncode == 0  # the keeper still serves
+
+
+def test_a_command_is_stopped_when_vtool_is_killed(venv: Env) -> None:
+    """vtool killed outright (no Ctrl-C handling) while its commands run through the keeper:
+    the guard session each node has once a command ran GUARD_AFTER seconds sees its stdin
+    end (the keeper passes that on, as a master does) and stops the command."""
+    import time
+
+    from vtool.ssh import GUARD_AFTER
+
+    venv.ok("launch", "2")
+    _keeper_up(venv, 2)
+    proc = started_run(venv, "echo started; sleep 84", 2)
+    wait_for(lambda: len(_sleepers(venv, "sleep 84", 2)) == 2)
+    time.sleep(GUARD_AFTER + 0.5)
+    proc.kill()
+    proc.communicate(timeout=30)
+    wait_for(lambda: not _sleepers(venv, "sleep 84", 2))
+    assert venv.cli("run", "true").returncode == 0 and len(_keepers(venv)) == 1
 
 
 def test_a_killed_keeper_is_replaced(venv: Env) -> None:

@@ -163,7 +163,7 @@ class Request:
 
 
 class Client:
-    """One connection to a node's socket: HELLO, then requests (``feed``)."""
+    """One connection to a node's socket: HELLO, then requests (``messages``)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
