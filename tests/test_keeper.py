@@ -207,8 +207,10 @@ def test_ctrl_c_and_a_timeout_stop_the_command_on_the_nodes(venv: Env, how: str)
 
 def test_a_command_is_stopped_when_vtool_is_killed(venv: Env) -> None:
     """vtool killed outright (no Ctrl-C handling) while its commands run through the keeper:
-    the guard session each node has once a command ran GUARD_AFTER seconds sees its stdin
-    end (the keeper passes that on, as a master does) and stops the command."""
+    the guard session each node has once a command ran GUARD_AFTER seconds stops the command
+    when its session ends. The keeper ends it twice over, as a master does: it passes on the
+    end of the session's stdin, and it closes the sessions whose client went away (checked:
+    this fails with neither, not with one)."""
     import time
 
     from vtool.ssh import GUARD_AFTER
