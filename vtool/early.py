@@ -225,7 +225,7 @@ def _start(args: list[str]) -> int:
     env = proxy_env(record.get("connector"))
     actions = Opener.spawn_actions()
     atexit.register(_stop_unfinished)
-    kept = [(i, sock) for i, sock, argv in closed if keeper and _keeper_serves(argv)]
+    kept = [(i, sock) for i, sock, argv in closed if keeper and keeper_serves(argv)]
     if kept:  # one process for these (vtool.keeper), instead of an ssh per node
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         argv = [sys.executable, "-I", "-c", _KEEPER_MAIN, here, _record_path(_key_now), *(str(i) for i, _ in kept)]
@@ -243,9 +243,9 @@ def _start(args: list[str]) -> int:
     return len(closed)
 
 
-def _keeper_serves(argv: list[str]) -> bool:
-    """Whether vtool.keeper opens this node's connection (its ``target`` decides; this is the
-    cheap part of it): no jump host, no ProxyCommand but vtool-connect, a pinned host key."""
+def keeper_serves(argv: list[str]) -> bool:
+    """Whether vtool.keeper can open the connection this ``ssh`` command line opens as ssh
+    would: no jump host, no ProxyCommand but vtool-connect, a pinned host key."""
     for a in argv:
         if a.startswith("ProxyJump=") or (a.startswith("ProxyCommand=") and "/vtool-connect-" not in a):
             return False

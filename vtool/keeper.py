@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 
-from .early import KEEPER_SUFFIX
+from .early import KEEPER_SUFFIX, keeper_serves
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -78,10 +78,7 @@ def target(argv: list[str]) -> dict[str, Any] | None:
             if len(v) >= 2 and v[0] == v[-1] == '"':
                 v = v[1:-1]
             o[k] = v
-    proxy = o.get("ProxyCommand", "")
-    if "ProxyJump" in o or (proxy and "/vtool-connect-" not in proxy):
-        return None
-    if o.get("StrictHostKeyChecking") != "yes" or not o.get("HostKeyAlias") or not o.get("UserKnownHostsFile"):
+    if not keeper_serves(argv) or not o.get("HostKeyAlias") or not o.get("UserKnownHostsFile"):
         return None
     try:
         return {
@@ -446,9 +443,7 @@ class Link(threading.Thread):
         if request.tty or request.x11 or request.agent:
             self.refuse(c, request, "vtool's keeper runs commands without a terminal or forwarding")
             return
-        if self.session is None:
-            if not self.failed:  # still connecting (cannot happen: connect runs first)
-                self.failed = "not connected"
+        if self.session is None:  # (connect failed: self.failed says why)
             self.refuse(c, request, f"vtool's keeper has no connection to the node: {self.failed}")
             return
         from ssh2.error_codes import LIBSSH2_ERROR_CHANNEL_REQUEST_DENIED
