@@ -70,6 +70,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from vtool.early import KEEPER_NAME
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent  # the bench venv's bin: vtool, ansible, inv
@@ -234,11 +236,7 @@ def adopted_masters() -> dict[int, float]:
     out = {}
     for pid in _children(os.getpid()):
         st = _stat(pid)
-        if (
-            st
-            and st[1] != "Z"
-            and (st[0] == "ssh" or (st[0].startswith("python") and b"vtool.keeper" in _cmdline(pid)))
-        ):
+        if st and st[1] != "Z" and st[0] in ("ssh", KEEPER_NAME):
             out[pid] = st[2]
     return out
 

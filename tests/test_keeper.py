@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Env, make_package, pids_whose_cmdline_has, started_run, wait_for
+from conftest import Env, make_package, started_run, wait_for
 
 pytest.importorskip("ssh2.session", reason="ssh2-python is installed with vtool (setup.cfg)")
 
@@ -25,7 +25,26 @@ def _sockets(env: Env) -> list[str]:
 
 
 def _keepers(env: Env) -> set[int]:
-    return pids_whose_cmdline_has("vtool.keeper", str(env.vhome))
+    """The live keepers of ``env``'s vtool: named KEEPER_NAME, forked from a vtool whose
+    VTOOL_HOME was env's."""
+    from vtool.early import KEEPER_NAME
+    from vtool.providers.local import _proc_alive
+
+    found = set()
+    home = f"VTOOL_HOME={env.vhome}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != KEEPER_NAME:
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if home not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        if _proc_alive(int(pid)):
+            found.add(int(pid))
+    return found
 
 
 def _close_all(env: Env) -> None:
@@ -66,6 +85,43 @@ def _node_pids(env: Env, i: int) -> list[int]:
 def _kill_node(env: Env, i: int) -> None:
     for pid in _node_pids(env, i):
         os.kill(pid, signal.SIGKILL)
+
+
+def test_the_keeper_keeps_none_of_the_commands_files(venv: Env) -> None:
+    """The keeper is a fork of the vtool command that starts it, named vtool-keeper. It keeps
+    none of that command's files: not its output pipe (a reader of vtool's output sees the
+    end when vtool ends, not minutes later with the keeper), not a file vtool inherited, not
+    its terminal (stdin, stdout and stderr are /dev/null), in a session of its own."""
+    from vtool.early import KEEPER_NAME
+
+    venv.ok("launch", "2")
+    venv.ok("run", "true")
+    _close_all(venv)
+    extra_r, extra_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vtool", "run", "true"],
+            cwd=venv.work,
+            env=venv.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(extra_w,),
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        fds = (extra_r, extra_w, proc.stdout.fileno(), proc.stderr.fileno())
+        mine = {os.readlink(f"/proc/self/fd/{fd}") for fd in fds}
+        _, err = proc.communicate(timeout=60)  # (returns at the end of the pipes)
+        assert proc.returncode == 0, err
+        (pid,) = _keepers(venv)
+    finally:
+        os.close(extra_r)
+        os.close(extra_w)
+    held = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert all(held[str(fd)] == os.devnull for fd in (0, 1, 2)), held
+    assert not mine & set(held.values()), held
+    assert all(t.startswith(("socket:", "anon_inode:", "pipe:")) for fd, t in held.items() if int(fd) > 2), str(held)
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == KEEPER_NAME
+    assert os.getsid(pid) not in (os.getsid(0), proc.pid)
 
 
 def test_a_cold_run_goes_through_one_keeper_and_data_through_the_masters(venv: Env) -> None:
@@ -144,7 +200,6 @@ def test_a_host_key_that_is_not_pinned_gets_no_command(venv: Env) -> None:
     a node whose key is not the pinned one (0) or that has none pinned (1) gets no command
     (the keeper refuses it; ssh then says why); nothing is accepted on the way. (vtool.early
     starts no keeper once known_hosts changed, so this one is started as it would be.)"""
-    from vtool import early
     from vtool.state import control_dir_path
 
     venv.ok("launch", "3")
@@ -158,9 +213,8 @@ def test_a_host_key_that_is_not_pinned_gets_no_command(venv: Env) -> None:
     tampered = [ln for ln in tampered if not ln.startswith("vtool-default-1 ")]
     kh.write_text("\n".join(tampered) + "\n")
     _close_all(venv)
-    here = str(Path(early.__file__).resolve().parent.parent)
     keeper = subprocess.run(
-        [sys.executable, "-I", "-c", early._KEEPER_MAIN, here, str(record), "0", "1", "2"],
+        [sys.executable, "-m", "vtool.keeper", str(record), "0", "1", "2"],
         capture_output=True,
         text=True,
         timeout=30,

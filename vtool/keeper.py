@@ -24,9 +24,11 @@ timeout, and a dead node noticed within ServerAliveInterval x ServerAliveCountMa
 (keepalives, and TCP_USER_TIMEOUT). A node's socket goes away when its connection ends, or
 after ControlPersist seconds without a session, and the process ends with its last one.
 
-The parent binds every socket, then leaves the connections to a child in a session of its
-own, and exits: once it has, the sockets are there (vtool.early waits for that), and a
-command that asks before a connection is up waits for it.
+vtool.early runs ``main`` in a child of the vtool command itself (a fork, named
+``vtool-keeper``: see ``ps -o pid,comm``), as the command's Python is started already. That
+process binds every socket, then leaves the connections to a child in a session of its own,
+and exits: once it has, the sockets are there (vtool.early waits for that), and a command
+that asks before a connection is up waits for it.
 """
 
 from __future__ import annotations
@@ -773,6 +775,8 @@ def main(argv: list[str]) -> int:
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
     import signal
 
     stop = threading.Event()
