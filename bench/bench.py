@@ -1828,7 +1828,9 @@ connections pays; the rest of vtool's time is vtool's own code, and what separat
 from `xargs -P + ssh ({kex})` is Python's start-up and the connections.
 
 **cold**: no shared SSH connection open (every ControlMaster socket of vtool and ansible, and
-vtool's keeper, is closed with `ssh -O exit` first, and so are the ones vtool's nodes keep to each other). **warm**: the same command again right after. The tools
+vtool's keeper, is closed with `ssh -O exit` first, and so are the ones vtool's nodes keep to each other). vtool has run a command in the same folder before (its warm-up run), as a user's
+second command would: so `vtool run` takes its lean path, without Invoke (`vtool/lean.py`),
+in the cold rows as in the warm ones. **warm**: the same command again right after. The tools
 that keep no connection between commands reconnect every time, so their warm rows measure
 the same work again. **warm, same client in one process**: a Python script runs the command
 twice on one client object and reports the wall time of the second; start-up and the first

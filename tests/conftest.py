@@ -276,3 +276,13 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def fake_dist(root: Path, name: str, module_code: str) -> Path:
+    """An installed distribution with an entry point in group 'vtool' (as pip would leave it)."""
+    site = root / "site"
+    (site / f"{name}-0.1.dist-info").mkdir(parents=True)
+    (site / f"{name}-0.1.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (site / f"{name}-0.1.dist-info" / "entry_points.txt").write_text(f"[vtool]\n{name} = {name}\n")
+    (site / f"{name}.py").write_text(module_code)
+    return site

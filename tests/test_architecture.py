@@ -13,12 +13,12 @@ PKG = REPO / "vtool"
 # Lowest first; a module may import only from its own layer or below (errors/models at the bottom).
 LAYERS = [
     {"errors", "models", "early", "mux", "keeper"},
-    {"hookspecs", "config"},
+    {"hookspecs", "config", "invoke_config", "output"},
     {"state", "ssh", "package", "fetch", "remote"},
     {"providers", "plugins"},
     {"plugin_manager", "fanout", "distribute"},
     {"api"},
-    {"tasks"},
+    {"tasks", "lean"},
     {"main", "program", "__main__", "__init__"},
 ]
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Env, make_package, pids_whose_cmdline_has, wait_for
+from conftest import Env, fake_dist, make_package, pids_whose_cmdline_has, wait_for
 
 
 def _sshd_pids_under(vhome: Path) -> set[int]:
@@ -59,22 +59,12 @@ def test_logs_follow_until_interrupted(cluster3: Env) -> None:
     assert proc.returncode == 130
 
 
-def _fake_dist(root: Path, name: str, module_code: str) -> Path:
-    """An installed distribution with an entry point in group 'vtool' (as pip would leave it)."""
-    site = root / "site"
-    (site / f"{name}-0.1.dist-info").mkdir(parents=True)
-    (site / f"{name}-0.1.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (site / f"{name}-0.1.dist-info" / "entry_points.txt").write_text(f"[vtool]\n{name} = {name}\n")
-    (site / f"{name}.py").write_text(module_code)
-    return site
-
-
 def test_broken_plugins_are_named_with_exit_code_5(venv: Env) -> None:
-    site = _fake_dist(venv.root / "a", "brokenplug", "raise RuntimeError('boom at import')\n")
+    site = fake_dist(venv.root / "a", "brokenplug", "raise RuntimeError('boom at import')\n")
     r = venv.cli("--list", extra_env={"PYTHONPATH": f"{site}:{venv.env['PYTHONPATH']}"})
     assert r.returncode == 5 and "plugin 'brokenplug'" in r.stderr and "boom at import" in r.stderr
     assert "Traceback" not in r.stderr
-    site = _fake_dist(venv.root / "b", "typoplug", "from vtool import hookimpl\n\n@hookimpl\ndef vtool_aftre_launch(node):\n    pass\n")
+    site = fake_dist(venv.root / "b", "typoplug", "from vtool import hookimpl\n\n@hookimpl\ndef vtool_aftre_launch(node):\n    pass\n")
     r = venv.cli("launch", "1", extra_env={"PYTHONPATH": f"{site}:{venv.env['PYTHONPATH']}"})
     assert r.returncode == 5 and "typoplug" in r.stderr and "vtool_aftre_launch" in r.stderr
     assert not (venv.vhome / "clusters").exists()

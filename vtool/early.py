@@ -71,6 +71,7 @@ _opened: list[str] = []  # every socket start opened (for abandon)
 _contacted = False  # the command got past its checks and contacted the nodes (remember ran)
 _key_now: str | None = None  # this command's context (set by start), for remember
 _accepted: dict[str, Any] | None = None  # the record start found valid (for unchanged)
+_settings: Any = None  # this command's settings, for the record (keep_settings; vtool.lean)
 
 
 def _flags(args: list[str]) -> tuple[dict[str, str], list[str]] | None:
@@ -616,10 +617,23 @@ def unchanged(signature: list[Any]) -> bool:
     """Whether the record ``start`` used was written with this ``signature`` (what ``remember``
     was given: then it would write the same record again). True counts as ``remember``."""
     global _contacted
-    if _accepted is None or _accepted.get("signature") != signature:
+    if _accepted is None or _accepted.get("signature") != signature or _accepted.get("settings") != _settings:
         return False
     _contacted = True
     return True
+
+
+def keep_settings(entry: Any) -> None:
+    """Have ``remember`` write ``entry`` (JSON: vtool.lean's account of this command's
+    settings) into the record too; ``saved_settings`` gives it to a later command."""
+    global _settings
+    _settings = entry
+
+
+def saved_settings() -> Any:
+    """What ``keep_settings`` had the record hold, from the record ``start`` accepted for
+    this command's context (same folder, VTOOL_* variables, config files, flags), or None."""
+    return _accepted.get("settings") if _accepted is not None else None
 
 
 def remember(
@@ -645,6 +659,7 @@ def remember(
             "concurrency": concurrency,
             "connector": connector,
             "signature": signature,
+            "settings": _settings,
             "nodes": {str(i): {"socket": s, "argv": a} for i, (s, a) in sorted(nodes.items())[:RECORD_NODES]},
         }
         text = json.dumps(data, sort_keys=True)

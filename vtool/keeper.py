@@ -33,6 +33,7 @@ that asks before a connection is up waits for it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import selectors
@@ -244,6 +245,7 @@ class Link(threading.Thread):
         super().__init__(daemon=True)
         self.spec, self.listener, self.path, self.stopping = spec, listener, path, stop
         self.made = made  # the socket's file as bound (device, inode): see unlink
+        self.dialed: socket.socket | None = None  # the TCP connection ``dial`` started, if any
         self.clients: list[Client] = []
         self.channels: list[Channel] = []
         self.session: Any = None
@@ -263,7 +265,21 @@ class Link(threading.Thread):
         keys = pinned(s["known_hosts"], s["alias"])
         if not keys:
             raise ConnectionError(f"no host key pinned for {s['alias']}")
-        sock = socket.create_connection((s["host"], s["port"]), timeout=s["connect_timeout"])
+        sock, self.dialed = self.dialed, None
+        if sock is None:
+            sock = socket.create_connection((s["host"], s["port"]), timeout=s["connect_timeout"])
+        else:  # (dial started it: wait until it is through)
+            import select
+
+            try:
+                writable = select.select([], [sock], [], s["connect_timeout"])[1]
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if writable else errno.ETIMEDOUT
+                if err:
+                    raise OSError(err, f"cannot connect to {s['host']} port {s['port']}: {os.strerror(err)}")
+            except OSError:
+                sock.close()
+                raise
+            sock.settimeout(s["connect_timeout"])  # (as create_connection leaves it)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         dead_after = max(1, s["alive_interval"] * s["alive_count"])
         if hasattr(socket, "TCP_USER_TIMEOUT"):  # sent data unanswered this long: the node is gone
@@ -671,6 +687,8 @@ class Link(threading.Thread):
 
     def close(self) -> None:
         self.unlink()
+        if self.dialed is not None:
+            self.dialed.close()
         try:  # whoever connected meanwhile gets end of file (then runs ssh)
             while True:
                 sock, _ = self.listener.accept()
@@ -707,6 +725,25 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 # -- the process ---------------------------------------------------------------------------
+
+
+def dial(spec: dict[str, Any]) -> socket.socket | None:
+    """A TCP connection to the node, started (a non-blocking connect) and not waited for:
+    the node's sshd starts up while this process starts libssh2 (``Link.connect`` then waits
+    for it). None when the node is named, not numbered (``connect`` resolves the name)."""
+    host = spec["host"]
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if sock.connect_ex((host, spec["port"])) not in (0, errno.EINPROGRESS):
+            sock.close()
+            return None  # (connect tries again, and says why)
+        return sock
+    return None
 
 
 def bind(path: str) -> tuple[socket.socket, tuple[int, int]] | None:
@@ -769,6 +806,7 @@ def main(argv: list[str]) -> int:
             links.append((spec, bound[0], path, bound[1]))
     if not links:
         return 3
+    dialed = [dial(spec) for spec, *_ in links]
     if os.fork():
         return 0
     os.setsid()
@@ -783,7 +821,14 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # (here, while the nodes' sshd answer the connections; the links' imports find it)
+        import ssh2.session  # noqa: F401
+    except ImportError:  # (each link fails to connect, and refuses its clients: they run ssh)
+        pass
+
     threads = [Link(spec, listener, path, made, stop) for spec, listener, path, made in links]
+    for t, sock in zip(threads, dialed, strict=True):
+        t.dialed = sock
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):

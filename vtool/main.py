@@ -119,12 +119,23 @@ def main() -> None:
     opened = early.start(sys.argv[1:])
     if opened and os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on"):
         print(f"vtool: opening {opened} connection(s) while starting", file=sys.stderr)
-    imported = defer_invoke_extras()
     try:
-        import invoke  # noqa: F401  (with the stand-ins; then no plugin ever sees them)
-    finally:
-        imported()
-    try:
+        if sys.argv[1:2] == ["run"]:  # without Invoke, when it can (vtool.lean)
+            from . import lean
+            from .output import Stop
+
+            try:
+                ran = lean.run(sys.argv[2:], before=collect_garbage_again)
+            except Stop as e:
+                print(e.message, file=sys.stderr)
+                raise SystemExit(e.code) from None
+            if ran:
+                raise SystemExit(0)
+        imported = defer_invoke_extras()
+        try:
+            import invoke  # noqa: F401  (with the stand-ins; then no plugin ever sees them)
+        finally:
+            imported()
         make_program(collect_garbage_again).run()
     except BrokenPipeError:  # `vtool --list | head -1`: the reader left; that is not an error
         pass

@@ -10,8 +10,8 @@ from typing import Any
 from invoke import Program
 
 from . import __version__
-from .config import VtoolConfig
 from .errors import VtoolError
+from .invoke_config import VtoolConfig
 
 # Invoke's own core options that mean something for vtool; the others (--dry, --echo,
 # --pty, --hide, --config ...) configure Invoke's local command runner, which vtool's

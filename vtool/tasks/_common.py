@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
 from invoke import Exit, Task, task
 from invoke.parser import ParserContext
 
-from ..errors import UsageError, VtoolError
+from ..output import Output, Stop, duration, guarded, number, table  # noqa: F401  (the tasks' names for them)
 
 
 class _LazyApi:
@@ -63,10 +59,6 @@ class VtoolTask(Task):
         return args
 
 
-def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def vtool_task(
     *,
     help: dict[str, str] | None = None,
@@ -83,28 +75,11 @@ def vtool_task(
     def deco(body: Callable[..., Any]) -> Any:
         @functools.wraps(body)
         def wrapper(c: Any, *args: Any, **kw: Any) -> Any:
-            debug = os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on")
-            previous = {}
-            if threading.current_thread() is threading.main_thread():
-                # SIGTERM stops vtool as Ctrl-C does: in order, closing what it opened (and
-                # stopping its commands on the nodes); so does SIGHUP (its terminal closed),
-                # unless it is ignored (nohup).
-                previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-                if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
-                    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _sigterm_as_interrupt)
             try:
-                return body(c, *args, **kw)
-            except VtoolError as e:
-                if debug:
-                    raise
-                raise Exit(f"vtool: {e}", code=e.exit_code) from None
-            except KeyboardInterrupt:
-                if debug:
-                    raise
-                raise Exit("vtool: interrupted", code=130) from None
-            finally:
-                for signum, handler in previous.items():
-                    signal.signal(signum, handler)
+                with guarded():
+                    return body(c, *args, **kw)
+            except Stop as e:
+                raise Exit(e.message, code=e.code) from None
 
         params = inspect.signature(body).parameters
         common = {k: v for k, v in COMMON_HELP.items() if k in params}
@@ -140,74 +115,3 @@ class VtoolParserContext(ParserContext):
                 return []  # `vtool scpget --help` shows help instead of a missing-argument error
             missing = [x for x in missing if x.name not in self.optional]
         return missing
-
-
-class Output:
-    """Progress on stderr (one updating line on a terminal), results on stdout."""
-
-    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
-        self.out = out or sys.stdout
-        self.err = err or sys.stderr
-        self.live = self.err.isatty()
-        self._lock = threading.Lock()
-        self._pending = False
-        self._t0 = time.monotonic()
-
-    def progress(self, message: str) -> None:
-        with self._lock:
-            stamp = f"[{time.monotonic() - self._t0:5.1f}s] "
-            if self.live:
-                self.err.write(f"\r\033[K{stamp}{message}")
-                self._pending = True
-            else:
-                self.err.write(f"{stamp}{message}\n")
-            self.err.flush()
-
-    def _end_live(self) -> None:
-        if self._pending:
-            self.err.write("\n")
-            self._pending = False
-
-    def line(self, text: str = "", err: bool = False) -> None:
-        with self._lock:
-            self._end_live()
-            stream = self.err if err else self.out
-            stream.write(text + "\n")
-            stream.flush()
-
-    def node_line(self, index: int, stream: str, text: str) -> None:
-        self.line(f"[{index}] {text}", err=(stream == "err"))
-
-    def done(self) -> None:
-        with self._lock:
-            self._end_live()
-
-
-def number(value: Any, flag: str, *, minimum: float = 0) -> float:
-    """A numeric flag's value, or a UsageError naming the flag."""
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag} needs a number, not {value!r}") from None
-    if n < minimum:
-        raise UsageError(f"{flag} must be at least {minimum:g}, not {value!r}")
-    return n
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(str(cell).ljust(w) for cell, w in zip(r, widths, strict=False)).rstrip() for r in [header, *rows]
-    ]
-    return "\n".join(lines)
-
-
-def duration(seconds: float) -> str:
-    s = int(max(0, seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"

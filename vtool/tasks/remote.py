@@ -7,20 +7,10 @@ import subprocess
 from invoke import Exit
 
 from ..errors import UsageError
-from ._common import Output, api, number, table, vtool_task
+from ._common import Output, api, number, vtool_task
 from .lifecycle import settings_from
 
 NODES_HELP = "only these nodes, e.g. 0,2,5-7 (default: all)"
-
-
-def summary(result, out: Output) -> None:  # type: ignore[no-untyped-def]
-    rows = []
-    for r in result.results:
-        code = "-" if r.exit_code is None else str(r.exit_code)
-        note = "" if r.ok else (r.error or "")
-        rows.append([str(r.index), code, f"{r.seconds:.2f}s", note])
-    out.line(table(rows, ["node", "exit", "time", "error"]), err=True)
-    out.line(f"{len(result.succeeded)} ok, {len(result.failed)} failed", err=True)
 
 
 @vtool_task(
@@ -32,11 +22,12 @@ def summary(result, out: Output) -> None:  # type: ignore[no-untyped-def]
 )
 def run(c, command, cluster=None, profile=None, nodes=None, only_failed=False):
     """Run a shell command on all nodes in parallel; output prefixed by node index."""
+    from .. import early, lean, plugin_manager
+
     settings = settings_from(cluster, profile)
-    out = Output()
-    result = api.run(command, settings=settings, nodes=nodes, on_line=out.node_line, only_failed=only_failed)
-    summary(result, out)
-    api.raise_for_failures(result, "the command")
+    if early.remembering():  # (vtool's own command line: the next one may take the lean path)
+        early.keep_settings(lean.settings_entry(settings, plugin_manager.get()))
+    lean.run_command(command, settings, nodes, only_failed)
 
 
 @vtool_task(
