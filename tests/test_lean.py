@@ -120,6 +120,8 @@ def test_a_plugin_that_came_or_broke_since_is_seen(venv: Env) -> None:
         (["true", "--help"], None),
         (["true", "-h"], None),
         (["true", "-c=x"], None),
+        (["true", "--nodes", "--only-failed"], None),
+        (["true", "--cluster=-x"], None),
         (["true", "-c"], None),
         (["true", "-c", "a", "-c", "b"], None),
         (["true", "--command", "x"], None),

@@ -52,8 +52,8 @@ def parse(args: list[str]) -> dict[str, Any] | None:
             if not eq:
                 i += 1
                 value = args[i]
-            if name in ("-c", "-p", "-n") and eq:
-                return None  # (-c=NAME: Invoke's reading is its own)
+            if (name in ("-c", "-p", "-n") and eq) or value.startswith("-"):
+                return None  # (-c=NAME, or a flag for a value: Invoke's reading is its own)
             found[FLAGS[name]] = value
         elif a.startswith("-") or command is not None:
             return None
