@@ -470,14 +470,9 @@ class Opener:
             (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
             (os.POSIX_SPAWN_DUP2, 1, 2),
         ]
-        try:
-            names = os.listdir("/proc/self/fd")
-        except OSError:  # (not Linux: macOS and the BSDs list them here)
-            names = os.listdir("/dev/fd")
-        for name in names:
-            fd = int(name)
+        for fd in _descriptors():
             try:
-                if fd > 2 and os.get_inheritable(fd):
+                if os.get_inheritable(fd):
                     actions.append((os.POSIX_SPAWN_CLOSE, fd))
             except OSError:  # (the listing's own descriptor, closed by now)
                 pass
@@ -517,6 +512,16 @@ class Opener:
                 pass
 
 
+def _descriptors() -> list[int]:
+    """This process's open files other than stdin, stdout and stderr (and, already closed,
+    the listing's own)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # (not Linux: macOS and the BSDs list them here)
+        names = os.listdir("/dev/fd")
+    return [fd for fd in map(int, names) if fd > 2]
+
+
 def _become_keeper(args: list[str]) -> None:
     """In Opener.keeper's child: run vtool.keeper's main, then end the process (its exit code,
     1 on any error), never returning to the command this process was forked from."""
@@ -526,12 +531,11 @@ def _become_keeper(args: list[str]) -> None:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
-            if int(name) > 2:  # (a fork keeps every file, not only the inheritable ones)
-                try:
-                    os.close(int(name))
-                except OSError:  # (the listing's own descriptor)
-                    pass
+        for fd in _descriptors():  # (a fork keeps every file, not only the inheritable ones)
+            try:
+                os.close(fd)
+            except OSError:  # (the listing's own descriptor)
+                pass
         try:
             with open("/proc/self/comm", "w") as f:
                 f.write(KEEPER_NAME)

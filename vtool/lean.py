@@ -98,8 +98,8 @@ def _schema() -> str:
     return f"{binascii.crc32(json.dumps(VTOOL_DEFAULTS, sort_keys=True).encode()):08x}"
 
 
-def _saved_settings(pm: Any) -> Any:
-    saved = early.saved_settings()
+def _saved_settings(saved: Any, pm: Any) -> Any:
+    """The Settings ``saved`` (a record's ``settings_entry``) holds, if they still apply."""
     if not isinstance(saved, dict) or saved.get("schema") != _schema():
         return None
     if saved.get("plugins") != _plugin_settings(pm):
@@ -130,13 +130,14 @@ def run(args: list[str], before: Any = None) -> bool:
     if os.environ.get("VTOOL_DEBUG", "").lower() in ("1", "true", "yes", "on"):
         return False
     parsed = parse(args)
-    if parsed is None or early.saved_settings() is None:
+    saved = early.saved_settings()
+    if parsed is None or saved is None:
         return False
     try:
         from . import plugin_manager
 
         pm = plugin_manager.get()
-        settings = _saved_settings(pm)
+        settings = _saved_settings(saved, pm)
     except Exception:  # (a broken plugin, say: the full path says what is wrong)
         return False
     if settings is None:
@@ -144,6 +145,6 @@ def run(args: list[str], before: Any = None) -> bool:
     if before is not None:
         before()
     with guarded():
-        early.keep_settings(early.saved_settings())
+        early.keep_settings(saved)
         run_command(parsed["command"], settings, parsed.get("nodes"), bool(parsed.get("only_failed")))
     return True
