@@ -50,8 +50,31 @@ def test_an_operation_that_fans_out_itself_finishes_with_one_slot() -> None:
         r = fanout.fan_out(_nodes(3), inner, concurrency=1)
         return sum(x.value for x in r.results)
 
+    before = {t.ident for t in threading.enumerate()}
     r = fanout.fan_out(_nodes(2), outer, concurrency=1)
     assert [x.value for x in r.results] == [30, 30]
+    # the inner calls' own workers end once their call returned; the outer call's are kept
+    deadline = threading.Event()
+    for _ in range(200):
+        new = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        if len(new) <= 1:
+            break
+        deadline.wait(0.01)
+    assert len(new) <= 1, new
+
+
+def test_what_an_operation_raises_past_vtool_errors_reaches_the_caller() -> None:
+    """Not an Exception (SystemExit, say): the caller gets it, as from a future's result."""
+    import pytest
+
+    def op(node: Node) -> int:
+        if node.index == 2:
+            raise SystemExit(7)
+        return node.index
+
+    with pytest.raises(SystemExit):
+        fanout.fan_out(_nodes(4), op, concurrency=2)
+    assert [x.value for x in fanout.fan_out(_nodes(2), lambda node: node.index, concurrency=2).results] == [0, 1]
 
 
 def test_a_failing_node_is_its_own_result() -> None:

@@ -12,7 +12,6 @@ to an optional callback, remote output to an optional line callback.
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -312,6 +311,8 @@ def launch(
 
     ``wait=False`` returns once the provider has the nodes (``inject`` waits for them).
     Nodes that never accept SSH are terminated unless ``keep_unready``."""
+    import shutil
+
     n = check_count(count)
     if shutil.which(settings.ssh.program) is None:
         raise ConfigError(f"ssh.program {settings.ssh.program!r} was not found; install the OpenSSH client")
@@ -1195,6 +1196,8 @@ def terminate(*, settings: Settings, nodes: str | None = None, progress: Progres
     left = s.provider.nodes(s.cluster)
     if not left:
         s.provider.forget(s.cluster)
+        import shutil
+
         shutil.rmtree(s.paths.root, ignore_errors=True)  # key, known_hosts, cached releases
     elif nodes is not None:
         _tell_cluster(s, s.info(), [x for x in left if x.state == "running"], None)

@@ -9,40 +9,90 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from queue import SimpleQueue
 from typing import Any
 
 from .errors import VtoolError
 from .models import GroupResult, Node, NodeResult
 from .ssh import kill_running, stopping
 
+
+class _Workers:
+    """At most ``size`` threads that run the tasks put in, in order; a thread starts when a
+    task finds none idle, and then waits for the next task until the process ends.
+
+    concurrent.futures' ThreadPoolExecutor did this, but importing it (with logging and
+    traceback) was ~5 ms of every command's start-up, and ``vtool run`` on a few nodes waits
+    for vtool's start-up. The threads are daemons: a call returns only once its tasks that
+    started have ended (fan_out waits for them, even on Ctrl-C), so none is cut short when
+    the process ends; a task still queued then never starts."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.tasks: deque[tuple[object, Callable[[], None]]] = deque()
+        self.ready = threading.Condition()
+        self.threads = 0
+        self.idle = 0
+        self.closing = False
+
+    def put(self, owner: object, task: Callable[[], None]) -> None:
+        with self.ready:
+            self.tasks.append((owner, task))
+            if self.idle > len(self.tasks) - 1 or self.threads >= self.size:
+                self.ready.notify()
+                return
+            self.threads += 1
+        try:
+            threading.Thread(target=self._work, name=f"vtool-node-{id(self):x}", daemon=True).start()
+        except BaseException:
+            with self.ready:
+                self.threads -= 1
+            raise
+
+    def drop(self, owner: object) -> None:
+        """Take ``owner``'s tasks that have not started out of the queue."""
+        with self.ready:
+            kept = [t for t in self.tasks if t[0] is not owner]
+            self.tasks.clear()
+            self.tasks.extend(kept)
+
+    def close(self) -> None:
+        """Let the threads end once the queue is empty."""
+        with self.ready:
+            self.closing = True
+            self.ready.notify_all()
+
+    def _work(self) -> None:
+        _here.worker = True
+        while True:
+            with self.ready:
+                while not self.tasks:
+                    if self.closing:
+                        self.threads -= 1
+                        return
+                    self.idle += 1
+                    self.ready.wait()
+                    self.idle -= 1
+                _, task = self.tasks.popleft()
+            task()
+
+
 # Worker threads kept from one call to the next (a program that runs command after command
 # on the same cluster: 32 threads started per call cost 12 ms of a 64-node `run` here), by
 # pool size. A call made from a worker (an operation that fans out itself) gets a pool of its
 # own, so it never waits for a slot its caller holds.
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[int, _Workers] = {}
 _pools_lock = threading.Lock()
 _here = threading.local()
 
 
-def _mark_worker() -> None:
-    _here.worker = True
-
-
-def _pool(size: int) -> tuple[ThreadPoolExecutor, bool]:
-    """A pool of ``size`` workers, and whether it is this call's own (to shut down after)."""
-
-    def new() -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(size, thread_name_prefix="vtool-node", initializer=_mark_worker)
-
+def _pool(size: int) -> tuple[_Workers, bool]:
+    """A pool of ``size`` workers, and whether it is this call's own (to close after)."""
     if getattr(_here, "worker", False):
-        return new(), True
+        return _Workers(size), True
     with _pools_lock:
-        pool = _pools.get(size) or _pools.setdefault(size, new())
-    return pool, False
+        return _pools.get(size) or _pools.setdefault(size, _Workers(size)), False
 
 
 def fan_out(
@@ -83,7 +133,12 @@ def fan_out(
         except VtoolError as e:
             return NodeResult(node.index, False, error=str(e), seconds=time.monotonic() - start)
         except Exception as e:  # a bug must not take the other nodes down; show it in full with debug
-            detail = traceback.format_exc() if debug else f"{type(e).__name__}: {e}"
+            if debug:
+                import traceback
+
+                detail = traceback.format_exc()
+            else:
+                detail = f"{type(e).__name__}: {e}"
             return NodeResult(node.index, False, error=f"internal error: {detail}", seconds=time.monotonic() - start)
         code = getattr(value, "exit_code", None)
         ok = code in (None, 0)
@@ -93,41 +148,49 @@ def fan_out(
     if not nodes:
         return GroupResult(())
     stopping.clear()  # a new operation (an earlier one may have been interrupted, in a program)
-    size = max(1, concurrency)
-    pool, own = _pool(size)
-    # Each operation's future, as it ends, is queued here: taking them one by one costs the
-    # same for every node, where concurrent.futures.wait(FIRST_COMPLETED) set up a waiter on
-    # every pending future at each call: 5.4 against 2.8 ms of CPU for 64 nodes, 170 against
-    # 46 ms for 1000 (concurrency 64).
-    finished: SimpleQueue[Future[NodeResult]] = SimpleQueue()
-    pending: set[Future[NodeResult]] = set()
+    pool, own = _pool(max(1, concurrency))
+    # Each operation's result (or what it raised), as it ends: taken one by one, the same cost
+    # for every node (concurrent.futures.wait(FIRST_COMPLETED), used before, set up a waiter on
+    # every pending future at each call: 5.4 against 2.8 ms of CPU for 64 nodes).
+    finished: deque[tuple[NodeResult | None, BaseException | None]] = deque()
+
+    def task(node: Node) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                outcome: tuple[NodeResult | None, BaseException | None] = (one(node), None)
+            except BaseException as e:  # (handed to the caller, as a future would)
+                outcome = (None, e)
+            with changed:
+                finished.append(outcome)
+                changed.notify_all()
+
+        return run
+
+    waiting = len(nodes)
     try:
         for n in nodes:
-            fut = pool.submit(one, n)
-            pending.add(fut)
-            fut.add_done_callback(finished.put)
-        while pending:
-            fut = finished.get()  # (a signal's handler, Ctrl-C, runs during the wait)
-            pending.discard(fut)
-            r = fut.result()
+            pool.put(finished, task(n))
+        while waiting:
+            with changed:  # (a signal's handler, Ctrl-C, runs during the wait)
+                while not finished:
+                    changed.wait()
+                r, raised = finished.popleft()
+            waiting -= 1
+            if raised is not None:
+                raise raised
+            assert r is not None
             results[r.index] = r
             if on_done is not None:
                 on_done(r)
     except BaseException:
         with changed:
             state["stopped"] = True
-        for fut in pending:
-            fut.cancel()
+        pool.drop(finished)
         kill_running()
         with changed:  # (their ssh clients are gone and `stopping` is set: they end at once)
             changed.wait_for(lambda: state["running"] == 0)
-        if not own:  # not kept: Ctrl-C may have come as it started a worker, before the worker
-            # was registered for the interpreter's exit, which would then wait for it forever
-            with _pools_lock:
-                if _pools.get(size) is pool:
-                    del _pools[size]
-        pool.shutdown(wait=own, cancel_futures=True)
         raise
-    if own:
-        pool.shutdown(wait=True)
+    finally:
+        if own:
+            pool.close()
     return GroupResult(tuple(results[i] for i in sorted(results)))

@@ -983,8 +983,6 @@ def connect_helper(folder: Path) -> str | None:
     key = str(folder)
     if key in _helper:
         return _helper[key]
-    import shutil
-
     source = Path(__file__).with_name("connect.c")
     found: str | None = None
     try:
@@ -1003,7 +1001,11 @@ def connect_helper(folder: Path) -> str | None:
             recent_failure = time.time() - failed.stat().st_mtime < FAILED_BUILD_RETRY
         except OSError:
             recent_failure = False
-        if not recent_failure and shutil.which(recipe[0]) and _build_helper(recipe, source, exe, failed):
+        if recent_failure:
+            continue
+        import shutil
+
+        if shutil.which(recipe[0]) and _build_helper(recipe, source, exe, failed):
             found = str(exe)
             break
     _helper[key] = found

@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -152,6 +151,8 @@ def _ensure_key(paths: ClusterPaths, key: Path, pubkey: Path, comment: str) -> P
     if key.exists():
         check_private_key(key)
         return key
+    import shutil
+
     keygen = shutil.which("ssh-keygen")
     if keygen is None:
         raise ProviderError(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -292,6 +291,8 @@ class LocalProvider:
     def _start_node(self, sshd: str, paths: ClusterPaths, cluster: str, index: int) -> Node:
         d = paths.nodes / str(index)
         if d.exists():
+            import shutil
+
             shutil.rmtree(d)  # leftovers of a node that failed to start
         ensure_private_dir(d)
         home = ensure_private_dir(d / "home")
@@ -494,6 +495,8 @@ class LocalProvider:
 
     # -- tear-down ------------------------------------------------------------------------
     def terminate(self, cluster: str, nodes: Sequence[Node], progress: Progress) -> list[NodeResult]:
+        import shutil
+
         paths = ClusterPaths(self.home, cluster)
         results = []
         for node in nodes:
