@@ -105,6 +105,37 @@ def test_a_plugin_that_came_or_broke_since_is_seen(venv: Env) -> None:
     assert not lean and r.returncode == 5 and "boom at import" in r.stderr
 
 
+def test_the_lean_path_ends_as_python_would_with_what_must_run_at_exit(venv: Env) -> None:
+    """vtool.main.leave ends a lean run without the interpreter's tear-down: the exit code,
+    every line of a long output, a plugin's exit handler and a thread it left running that
+    is not a daemon (the process waits for it, as Python would) all come through."""
+    venv.ok("launch", "2")
+    marks = venv.root / "marks"
+    marks.mkdir()
+    code = (
+        "import atexit, pathlib, threading, time\n"
+        f"marks = pathlib.Path({str(marks)!r})\n"
+        "n = len(list(marks.iterdir()))\n"
+        "atexit.register(lambda: (marks / f'exit-{n}').write_text('ran'))\n"
+        "def late():\n"
+        "    time.sleep(0.5)\n"
+        "    (marks / f'thread-{n}').write_text('ran')\n"
+        "if os.environ.get('LATE'):\n"
+        "    threading.Thread(target=late).start()\n"
+    )
+    site = fake_dist(venv.root / "p", "exitplug", "import os\n" + code)
+    path = {"PYTHONPATH": f"{site}:{venv.env['PYTHONPATH']}"}
+    command = "seq 3000; exit $VTOOL_NODE_INDEX"
+    for lean_expected, late in ((False, "1"), (True, "1"), (True, "")):
+        r, lean = _run(venv, command, extra_env={**path, "LATE": late})
+        assert lean == lean_expected
+        assert r.returncode == 1 and "failed on 1 of 2 node(s): 1" in r.stderr
+        assert len(r.stdout.splitlines()) == 6000 and r.stdout.endswith("3000\n")
+    assert sorted(p.name for p in marks.iterdir()) == ["exit-0", "exit-2", "exit-4", "thread-0", "thread-2"]
+    r, lean = _run(venv, "echo done")  # (and without the plugin: only daemon threads are left)
+    assert r.returncode == 0 and r.stdout.count("done") == 2
+
+
 @pytest.mark.parametrize(
     "args, parsed",
     [

@@ -52,8 +52,16 @@ RECORD_NODES = 128  # a record names at most this many nodes (the first ones by 
 EARLY_MAX = 64
 # The verbs whose connections vtool.keeper opens (commands only: it carries no bulk data).
 KEEPER_VERBS = frozenset({"run", "logs"})
-KEEPER_SUFFIX = ".k"  # (vtool.keeper.keeper_path; not imported here, as nothing else is)
+KEEPER_SUFFIX = ".k"  # (keeper_path)
 KEEPER_NAME = "vtool-keeper"  # the keeper's process name (ps -o comm, top, /proc/PID/comm)
+
+
+def keeper_path(control_path: str) -> str:
+    """Where vtool.keeper serves the node whose OpenSSH master would be at ``control_path``
+    (here, not in vtool.keeper: a command's SSH client needs only this of it)."""
+    return control_path + KEEPER_SUFFIX
+
+
 _VALUE_FLAGS = {"-c": "cluster", "--cluster": "cluster", "-p": "profile", "--profile": "profile"}
 _NODE_FLAGS = ("-n", "--nodes", "--node")
 _OTHER_VALUE_FLAGS = ("-l", "--lines")  # (logs) flags whose value is not a positional argument

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 
-from .early import KEEPER_SUFFIX, keeper_serves
+from .early import keeper_path, keeper_serves
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,11 +61,6 @@ S_ALIVE = 0x80000005
 S_SESSION_OPENED = 0x80000006
 VERSION = 4
 CHUNK = 1 << 17
-
-
-def keeper_path(control_path: str) -> str:
-    """Where the keeper serves the node whose OpenSSH master would be at ``control_path``."""
-    return control_path + KEEPER_SUFFIX
 
 
 def target(argv: list[str]) -> dict[str, Any] | None:

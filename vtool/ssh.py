@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from . import early, mux
+from .early import keeper_path
 from .errors import ConfigError, HostKeyMismatch, NodeError, NodeUnreachable, VtoolError
-from .keeper import keeper_path
 from .models import CommandResult, SshTarget
 from .state import ensure_private_dir, sha256_hex
 
