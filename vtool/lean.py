@@ -142,6 +142,8 @@ def run(args: list[str], before: Any = None) -> bool:
         return False
     if settings is None:
         return False
+    from . import api  # noqa: F401  (the command's code, loaded before ``before``: see vtool.main)
+
     if before is not None:
         before()
     with guarded():
