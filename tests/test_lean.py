@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import Env, fake_dist
+from conftest import REPO, Env, fake_dist
 
 
 def _run(
@@ -21,6 +21,13 @@ def _run(
     lean = not any(ln.rsplit("|", 1)[-1].strip() == "invoke" for ln in log)
     err = "\n".join(ln for ln in r.stderr.splitlines() if not ln.startswith("import time:"))
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout, err), lean
+
+
+def _imported(env: Env, *args: str) -> set[str]:
+    """The modules ``vtool run ARGS`` imported (its exit code must be 0)."""
+    r = env.run_cmd([sys.executable, "-X", "importtime", "-m", "vtool", "run", *args])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
 
 
 def _rows(stderr: str) -> list[tuple[str, ...]]:
@@ -134,6 +141,24 @@ def test_the_lean_path_ends_as_python_would_with_what_must_run_at_exit(venv: Env
     assert sorted(p.name for p in marks.iterdir()) == ["exit-0", "exit-2", "exit-4", "thread-0", "thread-2"]
     r, lean = _run(venv, "echo done")  # (and without the plugin: only daemon threads are left)
     assert r.returncode == 0 and r.stdout.count("done") == 2
+
+
+def test_the_lean_path_imports_no_more_than_it_uses(venv: Env) -> None:
+    """A repeated ``vtool run`` (its connections open: the keeper's, then OpenSSH masters as
+    ``inject`` leaves them): no Invoke, and none of the modules whose import was measured as
+    a share of its start-up while it did not use them."""
+    venv.ok("launch", "2", "--no-inject")
+    _run(venv, "true")
+    loaded = _imported(venv, "true")
+    assert "vtool.api" in loaded and "pluggy" in loaded  # (the log is the command's)
+    unused = {"invoke", "subprocess", "concurrent.futures", "logging", "traceback", "vtool.keeper"}
+    assert not loaded & unused, sorted(loaded & unused)
+    venv.ok("inject", str(REPO / "pkg-examples" / "hello"))
+    _run(venv, "true")
+    loaded = _imported(venv, "true")
+    assert "vtool.api" in loaded and "pluggy" in loaded  # (the log is the command's)
+    unused = {"invoke", "subprocess", "concurrent.futures", "logging", "traceback", "vtool.keeper"}
+    assert not loaded & unused, sorted(loaded & unused)
 
 
 @pytest.mark.parametrize(

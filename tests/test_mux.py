@@ -425,3 +425,11 @@ def test_a_supervised_commands_output_is_its_own(cluster3: Env) -> None:
         wait_for(lambda: not pids_whose_cmdline_has("sleep 1402"))
     finally:
         rc.write_text(before)
+
+
+def test_mux_pipe_and_devnull_are_subprocess_own() -> None:
+    """vtool.ssh hands mux.PIPE and mux.DEVNULL to Popen as well (it imports subprocess only
+    when it starts a process)."""
+    from vtool import mux
+
+    assert (mux.PIPE, mux.DEVNULL) == (subprocess.PIPE, subprocess.DEVNULL)

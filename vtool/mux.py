@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import subprocess
 import threading
 import time
 from typing import IO, Any
@@ -35,6 +34,9 @@ S_TTY_ALLOC_FAIL = 0x80000008
 VERSION = 4
 NO_ESCAPE = 0xFFFFFFFF
 LOST = 255  # ssh's exit code when the master went away before the command's exit status
+# subprocess.PIPE and subprocess.DEVNULL (the same values: vtool.ssh hands them to Popen too),
+# without importing subprocess, which was ~3% of a `vtool run`'s start-up
+PIPE, DEVNULL = -1, -3
 
 
 class Unavailable(Exception):
@@ -98,10 +100,10 @@ class MuxProcess:
     """A command running in a session of the master at ``control_path``: make it, then
     ``open`` it (so that it can be tracked, and killed, while it opens).
 
-    ``stdin``: ``subprocess.DEVNULL``, ``subprocess.PIPE`` (then ``.stdin`` is the write end)
+    ``stdin``: ``DEVNULL``, ``PIPE`` (then ``.stdin`` is the write end)
     or a binary file object whose descriptor the master reads itself (a package file).
-    ``stdout``/``stderr``: ``subprocess.PIPE`` (``.stdout``/``.stderr`` are the read ends)
-    or ``subprocess.DEVNULL``.
+    ``stdout``/``stderr``: ``PIPE`` (``.stdout``/``.stderr`` are the read ends)
+    or ``DEVNULL``. The two are subprocess's own values (so that the same ones go to Popen).
     """
 
     def __init__(self, control_path: str) -> None:
@@ -164,25 +166,25 @@ class MuxProcess:
             raise
         for fd in theirs:
             os.close(fd)
-        if stdin == subprocess.PIPE:
+        if stdin == PIPE:
             self.stdin = os.fdopen(mine[0], "wb")
             mine = mine[1:]
         files = iter(os.fdopen(fd, "rb") for fd in mine)
-        if stdout == subprocess.PIPE:
+        if stdout == PIPE:
             self.stdout = next(files)
-        if stderr == subprocess.PIPE:
+        if stderr == PIPE:
             self.stderr = next(files)
         self._opened = True
 
     @staticmethod
     def _end(spec: Any, reading: bool, theirs: list[int], mine: list[int]) -> int:
         """The descriptor to pass for one of stdin/stdout/stderr (``reading``: the master reads it)."""
-        if spec == subprocess.PIPE:
+        if spec == PIPE:
             r, w = os.pipe()
             theirs.append(r if reading else w)
             mine.append(w if reading else r)
             return theirs[-1]
-        if spec == subprocess.DEVNULL or spec is None:
+        if spec == DEVNULL or spec is None:
             fd = os.open(os.devnull, os.O_RDONLY if reading else os.O_WRONLY)
             theirs.append(fd)
             return fd
@@ -207,6 +209,8 @@ class MuxProcess:
                     elif kind != S_TTY_ALLOC_FAIL:
                         break
             except TimeoutError:
+                import subprocess  # (what Popen.wait raises: callers take both alike)
+
                 raise subprocess.TimeoutExpired("ssh (shared connection)", timeout or 0) from None
             except (OSError, EOFError):
                 pass

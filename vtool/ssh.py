@@ -13,7 +13,6 @@ import os
 import re
 import select
 import shlex
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -25,10 +24,25 @@ from . import early, mux
 from .early import keeper_path
 from .errors import ConfigError, HostKeyMismatch, NodeError, NodeUnreachable, VtoolError
 from .models import CommandResult, SshTarget
+from .mux import DEVNULL, PIPE
 from .state import ensure_private_dir, sha256_hex
 
 if TYPE_CHECKING:
     from .config import SshSettings
+
+
+class _Subprocess:
+    """The subprocess module, imported when first used: a command served by a shared
+    connection (vtool.mux) never starts a process, and the import was ~3% of its start-up.
+    ``except subprocess.TimeoutExpired`` is looked up only when an exception is matched."""
+
+    def __getattr__(self, name: str) -> Any:
+        import subprocess as module
+
+        return getattr(module, name)
+
+
+subprocess = _Subprocess()
 
 LineCallback = Callable[[str, str], None]  # (stream "out"|"err", line without newline)
 
@@ -155,7 +169,7 @@ def check_algorithms(program: str, settings: SshSettings) -> None:
         try:
             r = subprocess.run(
                 [program, "-Q", query],
-                stdin=subprocess.DEVNULL,
+                stdin=DEVNULL,
                 capture_output=True,
                 text=True,
                 timeout=10,
@@ -356,9 +370,9 @@ class SshClient:
             proc = _track(
                 subprocess.Popen(
                     argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
+                    stdin=DEVNULL,
+                    stdout=DEVNULL,
+                    stderr=PIPE,
                     start_new_session=True,
                 )
             )
@@ -393,17 +407,17 @@ class SshClient:
             subprocess.run(
                 [self.program, "-F", "/dev/null", "-o", f"ControlPath={keeper_path(self.control_path)}"]
                 + ["-O", "exit", "--", self.target.host],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdin=DEVNULL,
+                stdout=DEVNULL,
+                stderr=DEVNULL,
                 timeout=10,
                 check=False,
             )
         subprocess.run(
             [self.program, "-F", "/dev/null", *self.options, "-O", "exit", "--", self.target.host],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdin=DEVNULL,
+            stdout=DEVNULL,
+            stderr=DEVNULL,
             timeout=10,
             check=False,
         )
@@ -463,7 +477,7 @@ class SshClient:
         # A supervised command's stdin stays open (and silent): the wrapper's own watcher,
         # where it has one (remote.supervised), waits for its end.
         piped = input is not None or supervision is not None
-        stdin = input if pass_file else (subprocess.PIPE if piped else subprocess.DEVNULL)
+        stdin = input if pass_file else (PIPE if piped else DEVNULL)
         proc, log = self._start(command, stdin, timeout, light=not pass_file)
         watch = _Watch(self, supervision) if supervision is not None else None
         finished = False
@@ -497,7 +511,7 @@ class SshClient:
         ``track=False``: Ctrl-C neither refuses nor stops it (what vtool runs to stop a
         command on the node, see ``_Watch``). ``light=False``: it carries data (a file on
         stdin, a stream), so not through vtool.keeper, which is slower at that."""
-        outputs = subprocess.DEVNULL if quiet else subprocess.PIPE
+        outputs = DEVNULL if quiet else PIPE
         if self.direct:
             assert self.control_path is not None
             # A command (not a file on its stdin, not a stream) goes to vtool.keeper's
@@ -604,7 +618,7 @@ class SshClient:
     def popen_stdout(self, command: str) -> Stream:
         """Start ``command`` and give its stdout as a pipe (for streams such as a tar archive).
         Its stderr is drained at the same time, so a chatty command cannot stall the stream."""
-        proc, log = self._start(command, subprocess.DEVNULL, light=False)
+        proc, log = self._start(command, DEVNULL, light=False)
         stream = Stream(proc, log)
         stream.widened = _widen(proc.stdout)
         return stream
@@ -781,9 +795,7 @@ class _Watch:
             return
         self.due = None
         try:
-            self.guard = self.client._start(
-                self.supervision.guard(self.pgid), subprocess.PIPE, timeout=STOP_WITHIN, quiet=True
-            )
+            self.guard = self.client._start(self.supervision.guard(self.pgid), PIPE, timeout=STOP_WITHIN, quiet=True)
         except Exception:  # (VtoolError, OSError: the command itself goes on regardless)
             pass
 
@@ -815,7 +827,7 @@ class _Watch:
         if stop and self.pgid is not None:
             try:
                 proc, log = self.client._start(
-                    self.supervision.stop(self.pgid), subprocess.DEVNULL, timeout=STOP_WITHIN, quiet=True, track=False
+                    self.supervision.stop(self.pgid), DEVNULL, timeout=STOP_WITHIN, quiet=True, track=False
                 )
                 try:
                     _await_exit(proc, STOP_WITHIN)
@@ -1025,9 +1037,9 @@ def _build_helper(recipe: tuple[str, ...], source: Path, exe: Path, failed: Path
     try:
         r = subprocess.run(
             [*recipe, "-o", str(tmp), str(source)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdin=DEVNULL,
+            stdout=DEVNULL,
+            stderr=DEVNULL,
             timeout=60,
             check=False,
         )

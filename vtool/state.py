@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,6 +151,7 @@ def _ensure_key(paths: ClusterPaths, key: Path, pubkey: Path, comment: str) -> P
         check_private_key(key)
         return key
     import shutil
+    import subprocess
 
     keygen = shutil.which("ssh-keygen")
     if keygen is None:

@@ -14,11 +14,10 @@ import os
 import pwd
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ProviderError
 from ..models import Node, NodeResult, SshTarget
@@ -35,6 +34,9 @@ from ..state import (
     write_private,
 )
 from .base import Progress
+
+if TYPE_CHECKING:
+    import subprocess
 
 NAME = "local"
 
@@ -289,6 +291,8 @@ class LocalProvider:
         return made
 
     def _start_node(self, sshd: str, paths: ClusterPaths, cluster: str, index: int) -> Node:
+        import subprocess
+
         d = paths.nodes / str(index)
         if d.exists():
             import shutil
@@ -343,6 +347,8 @@ class LocalProvider:
         )
 
     def _serve(self, sshd: str, d: Path, home: Path, token: str, screendir: Path, port: int = 0) -> tuple[int, int]:
+        import subprocess
+
         """Start the node's sshd (on ``port`` if it is still free, else on a new one)."""
         last_error = ""
         for _attempt in range(8):
