@@ -295,6 +295,32 @@ def test_a_killed_keeper_is_replaced(venv: Env) -> None:
     assert len(_keepers(venv)) == 1 and all(s.endswith(".k") for s in _sockets(venv))
 
 
+def test_a_keeper_told_to_stop_says_no_to_a_request_it_has_not_started(venv: Env) -> None:
+    """SIGTERM while a client's request waits (here for its descriptors): the keeper answers
+    "no" (then vtool runs ssh for that node), not an end of file, after which vtool could not
+    know whether the command ran. The next run then works with a new keeper."""
+    import socket
+    import struct
+
+    from vtool import mux
+    from vtool.state import control_dir_path
+
+    venv.ok("launch", "2")
+    pid = _keeper_up(venv, 2)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(10)
+    client.connect(str(control_dir_path(venv.vhome) / _sockets(venv)[0]))
+    assert mux._hello(client)  # (the keeper has taken the connection)
+    request = struct.pack(">III", mux.NEW_SESSION, 7, 0) + struct.pack(">IIIII", 0, 0, 0, 0, mux.NO_ESCAPE)
+    mux._send(client, request + struct.pack(">I", 0) + struct.pack(">I", 4) + b"true")
+    os.kill(pid, signal.SIGTERM)
+    kind, body = mux._recv(client)
+    assert kind == mux.S_PERMISSION_DENIED and "stopping" in mux._reason(body)
+    client.close()
+    wait_for(lambda: not _keepers(venv))
+    assert venv.ok("run", "echo again").stdout.count("again") == 2
+
+
 def test_openssh_speaks_to_the_keeper_and_vtool_keeper_0_turns_it_off(venv: Env) -> None:
     """``ssh -O check``, a command, and ``ssh -O exit`` on a keeper's socket, as on a master's;
     a terminal is refused (ssh then connects by itself). With VTOOL_KEEPER=0, a cold run opens

@@ -694,6 +694,12 @@ class Link(threading.Thread):
         for ch in list(self.channels):
             self.end(ch, killed=True)
         for c in list(self.clients):
+            if c.channel is None:  # (a request not acted on, or one to come: "no", then it runs ssh)
+                rid = c.request.rid if c.request is not None else 0
+                try:
+                    c.send(_message(_pack(S_PERMISSION_DENIED, rid) + _string(b"vtool's keeper is stopping")))
+                except OSError:
+                    pass
             self.drop(c)
         if self.session is not None:
             try:

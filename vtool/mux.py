@@ -146,6 +146,9 @@ class MuxProcess:
             try:
                 for fd in fds:
                     socket.send_fds(sock, [b"\0"], [fd])
+            except OSError as e:  # (a master starts nothing before it has all three)
+                raise Unavailable(f"the master did not take the request: {e}") from None
+            try:
                 kind, body = _recv(sock)
             except TimeoutError:
                 raise Uncertain(
