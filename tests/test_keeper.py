@@ -316,9 +316,33 @@ def test_a_keeper_told_to_stop_says_no_to_a_request_it_has_not_started(venv: Env
     os.kill(pid, signal.SIGTERM)
     kind, body = mux._recv(client)
     assert kind == mux.S_PERMISSION_DENIED and "stopping" in mux._reason(body)
+    assert struct.unpack(">I", body[:4]) == (7,)  # (OpenSSH's ssh gives up on a reply to another id)
     client.close()
     wait_for(lambda: not _keepers(venv))
     assert venv.ok("run", "echo again").stdout.count("again") == 2
+
+
+def test_a_stopping_keeper_closes_on_a_client_whose_request_it_has_not_read(venv: Env) -> None:
+    """A request the keeper has only part of, so no request id to answer: end of file, on
+    which OpenSSH's ssh connects by itself (a "no" to another id would make it give up)."""
+    import socket
+    import struct
+
+    from vtool import mux
+    from vtool.state import control_dir_path
+
+    venv.ok("launch", "2")
+    pid = _keeper_up(venv, 2)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(10)
+    client.connect(str(control_dir_path(venv.vhome) / _sockets(venv)[0]))
+    assert mux._hello(client)
+    request = struct.pack(">III", mux.NEW_SESSION, 7, 0) + struct.pack(">IIIII", 0, 0, 0, 0, mux.NO_ESCAPE)
+    client.sendall(struct.pack(">I", len(request) + 100) + request)  # (the rest never comes)
+    os.kill(pid, signal.SIGTERM)
+    assert client.recv(100) == b""
+    client.close()
+    wait_for(lambda: not _keepers(venv))
 
 
 def test_openssh_speaks_to_the_keeper_and_vtool_keeper_0_turns_it_off(venv: Env) -> None:

@@ -113,34 +113,50 @@ def test_a_plugin_that_came_or_broke_since_is_seen(venv: Env) -> None:
 
 
 def test_the_lean_path_ends_as_python_would_with_what_must_run_at_exit(venv: Env) -> None:
-    """vtool.main.leave ends a lean run without the interpreter's tear-down: the exit code,
-    every line of a long output, a plugin's exit handler and a thread it left running that
-    is not a daemon (the process waits for it, as Python would) all come through."""
+    """vtool.main.leave ends a lean run without the interpreter's tear-down, unless a
+    third-party plugin was loaded. Without one: the exit code and every line of a long output
+    come through, and the tear-down is skipped (seen by a file that ``sitecustomize`` opened
+    and never closed: only the tear-down flushes it). With one: the usual exit, so the
+    plugin's exit handler runs, a thread it left running that is not a daemon is waited for,
+    and a file it never closed is flushed."""
     venv.ok("launch", "2")
     marks = venv.root / "marks"
     marks.mkdir()
+    probe = venv.root / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(
+        f"import os\n_f = open(os.path.join({str(marks)!r}, f'site-{{os.getpid()}}'), 'w')\n_f.write('flushed')\n"
+    )
     code = (
-        "import atexit, pathlib, threading, time\n"
+        "import atexit, os, pathlib, threading, time\n"
         f"marks = pathlib.Path({str(marks)!r})\n"
-        "n = len(list(marks.iterdir()))\n"
+        "n = os.getpid()\n"
         "atexit.register(lambda: (marks / f'exit-{n}').write_text('ran'))\n"
+        "_log = open(marks / f'log-{n}', 'w')\n"
+        "_log.write('flushed')\n"
         "def late():\n"
         "    time.sleep(0.5)\n"
         "    (marks / f'thread-{n}').write_text('ran')\n"
         "if os.environ.get('LATE'):\n"
         "    threading.Thread(target=late).start()\n"
     )
-    site = fake_dist(venv.root / "p", "exitplug", "import os\n" + code)
-    path = {"PYTHONPATH": f"{site}:{venv.env['PYTHONPATH']}"}
+    site = fake_dist(venv.root / "p", "exitplug", code)
     command = "seq 3000; exit $VTOOL_NODE_INDEX"
-    for lean_expected, late in ((False, "1"), (True, "1"), (True, "")):
-        r, lean = _run(venv, command, extra_env={**path, "LATE": late})
-        assert lean == lean_expected
+
+    def run(path: str, late: str = "") -> tuple[bool, list[tuple[str, str]]]:
+        for p in marks.iterdir():
+            p.unlink()
+        r, lean = _run(venv, command, extra_env={"PYTHONPATH": f"{path}:{venv.env['PYTHONPATH']}", "LATE": late})
         assert r.returncode == 1 and "failed on 1 of 2 node(s): 1" in r.stderr
         assert len(r.stdout.splitlines()) == 6000 and r.stdout.endswith("3000\n")
-    assert sorted(p.name for p in marks.iterdir()) == ["exit-0", "exit-2", "exit-4", "thread-0", "thread-2"]
-    r, lean = _run(venv, "echo done")  # (and without the plugin: only daemon threads are left)
-    assert r.returncode == 0 and r.stdout.count("done") == 2
+        return lean, sorted((p.name.split("-")[0], p.read_text()) for p in marks.iterdir())
+
+    assert run(str(probe)) == (False, [("site", "flushed")])  # (the first: Invoke's path, the usual exit)
+    assert run(str(probe)) == (True, [("site", "")])  # (no tear-down)
+    path = f"{probe}:{site}"
+    everything = [("exit", "ran"), ("log", "flushed"), ("site", "flushed"), ("thread", "ran")]
+    assert run(path, late="1") == (True, everything)
+    assert run(path) == (True, everything[:3])
 
 
 def test_the_lean_path_imports_no_more_than_it_uses(venv: Env) -> None:

@@ -335,6 +335,29 @@ def test_a_request_that_went_out_is_never_started_another_way(
     assert set(os.listdir("/proc/self/fd")) <= before  # no descriptor left open
 
 
+def test_descriptors_the_master_did_not_take_mean_nothing_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request went out but its descriptors could not be passed (a keeper told to stop
+    shuts its end for reading): no master starts a session without them, so this is
+    Unavailable (ssh runs the command), not Uncertain, and nothing is left open."""
+    from vtool import mux
+
+    def refused(*args: Any, **kwargs: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    path = str(tmp_path / "m")
+    master = _fake_master(path, "silent")
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(mux.socket, "send_fds", refused)
+    p = mux.MuxProcess(path)
+    with pytest.raises(mux.Unavailable, match="did not take the request"):
+        p.open("true", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, open_timeout=5)
+    monkeypatch.undo()
+    master.join(timeout=10)
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
 def test_ctrl_c_stops_a_session_that_is_still_opening(tmp_path: Path) -> None:
     """Ctrl-C (vtool.ssh.kill_running) while the master has the request but has not answered:
     the session gives up at once (not at its open timeout), as an error, leaving no descriptor."""

@@ -680,6 +680,28 @@ class Link(threading.Thread):
         except OSError:
             pass
 
+    def decline(self, c: Client) -> None:
+        """As the keeper stops: a client whose session request it holds (read whole, or waiting
+        in the socket) gets "no" with that request's id, so it runs ssh itself; any other gets
+        end of file, on which OpenSSH's ssh connects by itself too (a reply with another id, or
+        a "no" to its alive check, would make it give up instead). What the client writes from
+        here on fails (the socket is shut for reading), so no request of its goes unanswered."""
+        try:
+            c.sock.shutdown(socket.SHUT_RD)
+            while c.request is None:
+                for kind, body in c.messages():
+                    if kind == NEW_SESSION:
+                        c.request = Request(body)
+                if c.request is not None:
+                    break
+                size = len(c.buf)
+                if not c.read() or len(c.buf) == size:
+                    break
+            if c.request is not None:
+                c.send(_message(_pack(S_PERMISSION_DENIED, c.request.rid) + _string(b"vtool's keeper is stopping")))
+        except (ValueError, IndexError, struct.error, OSError):
+            pass
+
     def close(self) -> None:
         self.unlink()
         if self.dialed is not None:
@@ -694,12 +716,8 @@ class Link(threading.Thread):
         for ch in list(self.channels):
             self.end(ch, killed=True)
         for c in list(self.clients):
-            if c.channel is None:  # (a request not acted on, or one to come: "no", then it runs ssh)
-                rid = c.request.rid if c.request is not None else 0
-                try:
-                    c.send(_message(_pack(S_PERMISSION_DENIED, rid) + _string(b"vtool's keeper is stopping")))
-                except OSError:
-                    pass
+            if c.channel is None:
+                self.decline(c)
             self.drop(c)
         if self.session is not None:
             try:

@@ -110,19 +110,24 @@ def leave(code: int) -> None:
     tear-down: ``exit`` handlers (vtool's, a plugin's) run and the output is flushed, but the
     ~200 modules a command imported are not taken apart one by one, which was ~3% of a
     ``vtool run``'s CPU (instructions counted with valgrind). Returns, for the usual exit,
-    while a thread that is not a daemon still runs (the interpreter would wait for it)."""
+    while a thread that is not a daemon still runs (the interpreter would wait for it), and
+    once a third-party plugin was loaded: its code may hold a file it never closed, which only
+    the tear-down would flush."""
     import threading
 
+    plugins = sys.modules.get("vtool.plugin_manager")
+    if plugins is None or plugins.third_party:
+        return
     main_thread = threading.main_thread()
     if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
         return
     import atexit
 
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()
-        except (OSError, ValueError):  # (a reader that left; what the usual exit would also lose)
+        except (OSError, ValueError, AttributeError):  # (a reader that left; no stream at all)
             pass
     os._exit(code)
 

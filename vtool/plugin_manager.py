@@ -19,6 +19,9 @@ from .errors import PluginError
 # Modules registered before any third-party plugin (each is inert unless configured).
 BUILTINS: tuple[str, ...] = ("vtool.providers.builtin",)
 
+# Whether a plugin other than the built-ins was loaded in this process (vtool.main.leave).
+third_party = False
+
 
 class EntryPoint:
     """One ``name = module[:attr]`` line of an ``entry_points.txt``."""
@@ -84,6 +87,8 @@ def build() -> pluggy.PluginManager:
     for ep in sorted(entry_points(group="vtool"), key=lambda e: e.name):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
+        global third_party
+        third_party = True
         try:
             plugin = ep.load()
         except Exception as e:  # a broken third-party plugin must not look like a vtool bug

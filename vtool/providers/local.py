@@ -347,9 +347,9 @@ class LocalProvider:
         )
 
     def _serve(self, sshd: str, d: Path, home: Path, token: str, screendir: Path, port: int = 0) -> tuple[int, int]:
+        """Start the node's sshd (on ``port`` if it is still free, else on a new one)."""
         import subprocess
 
-        """Start the node's sshd (on ``port`` if it is still free, else on a new one)."""
         last_error = ""
         for _attempt in range(8):
             port = port or _free_port()
