@@ -688,15 +688,13 @@ class Link(threading.Thread):
         here on fails (the socket is shut for reading), so no request of its goes unanswered."""
         try:
             c.sock.shutdown(socket.SHUT_RD)
-            while c.request is None:
-                for kind, body in c.messages():
-                    if kind == NEW_SESSION:
-                        c.request = Request(body)
-                if c.request is not None:
-                    break
+            while True:  # (what it sent before the shutdown: then end of file)
                 size = len(c.buf)
                 if not c.read() or len(c.buf) == size:
                     break
+            for kind, body in c.messages():  # (none once a request waits for its descriptors)
+                if kind == NEW_SESSION:
+                    c.request = Request(body)
             if c.request is not None:
                 c.send(_message(_pack(S_PERMISSION_DENIED, c.request.rid) + _string(b"vtool's keeper is stopping")))
         except (ValueError, IndexError, struct.error, OSError):

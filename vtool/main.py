@@ -115,8 +115,9 @@ def leave(code: int) -> None:
     the tear-down would flush."""
     import threading
 
-    plugins = sys.modules.get("vtool.plugin_manager")
-    if plugins is None or plugins.third_party:
+    from . import plugin_manager
+
+    if plugin_manager.third_party_loaded():
         return
     main_thread = threading.main_thread()
     if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):

@@ -19,9 +19,6 @@ from .errors import PluginError
 # Modules registered before any third-party plugin (each is inert unless configured).
 BUILTINS: tuple[str, ...] = ("vtool.providers.builtin",)
 
-# Whether a plugin other than the built-ins was loaded in this process (vtool.main.leave).
-third_party = False
-
 
 class EntryPoint:
     """One ``name = module[:attr]`` line of an ``entry_points.txt``."""
@@ -87,8 +84,6 @@ def build() -> pluggy.PluginManager:
     for ep in sorted(entry_points(group="vtool"), key=lambda e: e.name):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
-        global third_party
-        third_party = True
         try:
             plugin = ep.load()
         except Exception as e:  # a broken third-party plugin must not look like a vtool bug
@@ -109,6 +104,14 @@ def build() -> pluggy.PluginManager:
 def get() -> pluggy.PluginManager:
     """The process-wide plugin manager (built on first use)."""
     return build()
+
+
+def third_party_loaded() -> bool:
+    """Whether the process-wide plugin manager, if built, holds a plugin other than the
+    built-ins (vtool.main.leave)."""
+    if not get.cache_info().currsize:
+        return False
+    return any(plugin is not None and name not in BUILTINS for name, plugin in get().list_name_plugin())
 
 
 def providers(pm: pluggy.PluginManager) -> dict[str, Callable[..., Any]]:
